@@ -1,0 +1,202 @@
+"""Options of every stage, each declared once: a dataclass field with default, help and Make name.
+
+Precedence, lowest first: field default < YAML file (`--config`) < environment
+(`DONKEYTUNE_<NAME>`, which is what the Makefile sets from its variables) < flags.
+"Not given" is None everywhere, so a flag never overrides with its own default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+ENV_PREFIX = "DONKEYTUNE_"
+
+
+def opt(default, help: str, *, env: str | None = None, positional: bool = False,
+        choices: tuple | None = None):
+    """A stage option: `env` is its Make variable (MODEL, ITERS, ...)."""
+    return field(default=default, metadata=dict(help=help, env=env, positional=positional,
+                                                choices=choices))
+
+
+def _base_type(tp):
+    """int for `int | None`, etc."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def convert(value, tp: type, name: str):
+    """Convert a YAML/env value to the field's type, with a message naming the option."""
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if tp is int:
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name}: {value!r} is not a valid {tp.__name__}") from None
+
+
+def resolve(cls, flags: dict | None = None, *, config_file: str | Path | None = None,
+            environ: typing.Mapping[str, str] | None = None):
+    """Build `cls` from defaults < YAML < environment < flags; validation runs in __post_init__."""
+    environ = os.environ if environ is None else environ
+    types_ = field_types(cls)
+    values: dict = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        values.update(_read_yaml(Path(config_file), cls))
+    for f in dataclasses.fields(cls):
+        env = f.metadata.get("env")
+        if env and environ.get(ENV_PREFIX + env, "") != "":
+            values[f.name] = environ[ENV_PREFIX + env]
+    for name, value in (flags or {}).items():
+        if value is not None and name in types_:
+            values[name] = value
+    values = {k: convert(v, types_[k], k) for k, v in values.items()}
+    return cls(**values)
+
+
+def _read_yaml(path: Path, cls) -> dict:
+    import yaml  # noqa: PLC0415
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of option: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_").lower()
+        if name in names:
+            out[name] = value
+        elif not any(name in {f.name for f in dataclasses.fields(c)} for c in ALL_OPTIONS):
+            raise ConfigError(f"{path}: unknown option {key!r}",
+                              f"valid options: {', '.join(sorted(names))}")
+    return out
+
+
+def _check(cond: bool, message: str, fix: str | None = None) -> None:
+    if not cond:
+        raise ConfigError(message, fix)
+
+
+# ---------------------------------------------------------------- stage options
+
+@dataclass
+class ModelOptions:
+    model: str | None = opt(None, "model: built-in alias (see `donkeytune models`), local HF "
+                            "folder, .gguf file or Hugging Face repo id; default: the run's "
+                            "base model, or smollm2-135m", env="MODEL")
+    trust_remote_code: bool = opt(False, "allow models whose code lives in their own repo "
+                                  "(runs that code on this machine)")
+    output_dir: str = opt("output", "folder for adapters/, fused/ and gguf/", env="OUTPUT_DIR")
+
+    @property
+    def adapter_dir(self) -> Path:
+        return Path(self.output_dir) / "adapters"
+
+    @property
+    def fused_dir(self) -> Path:
+        return Path(self.output_dir) / "fused"
+
+
+@dataclass
+class TrainOptions(ModelOptions):
+    data_dir: str = opt("data", "folder with train.jsonl and valid.jsonl", env="DATA_DIR")
+    iters: int = opt(600, "optimizer steps", env="ITERS")
+    batch_size: int = opt(4, "examples per optimizer step", env="BATCH_SIZE")
+    num_layers: int = opt(8, "LoRA on the last N transformer blocks (-1 = all)", env="NUM_LAYERS")
+    lr: float = opt(1e-5, "learning rate (Adam)", env="LR")
+    rank: int = opt(8, "LoRA rank", env="RANK")
+    scale: float = opt(10.0, "LoRA scale: the adapter's output is multiplied by it "
+                       "(the seed's mlx-lm meaning; PEFT lora_alpha = scale x rank)", env="SCALE")
+    alpha: float | None = opt(None, "PEFT lora_alpha; when given, scale = alpha / rank", env="ALPHA")
+    dropout: float = opt(0.05, "LoRA dropout", env="DROPOUT")
+    max_seq_length: int = opt(2048, "longer examples are truncated (with a warning)",
+                              env="MAX_SEQ_LENGTH")
+    train_on_prompt: bool = opt(False, "train on every token, not only the assistant's")
+    steps_per_report: int = opt(10, "a report line every N steps")
+    steps_per_eval: int = opt(50, "validation every N steps (and at the start and the end)")
+    val_batches: int = opt(25, "validation batches per evaluation (-1 = the whole split)")
+    save_every: int = opt(100, "checkpoint every N steps", env="SAVE_EVERY")
+    resume_from: str | None = opt(None, "start from this adapter (file or folder)",
+                                  env="RESUME_FROM")
+    seed: int = opt(0, "random seed (data order, dropout, LoRA init)", env="SEED")
+    device: str = opt("auto", "auto, cpu, cuda or mps", env="DEVICE",
+                      choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = opt("auto", "compute dtype of the frozen base: auto (bf16 where the hardware "
+                     "has it), bfloat16, float16 or float32", env="DTYPE",
+                     choices=("auto", "bfloat16", "float16", "float32"))
+    force: bool = opt(False, "train even if the output folder holds a run of another model")
+
+    def __post_init__(self):
+        _check(self.iters > 0, f"ITERS must be positive, got {self.iters}")
+        _check(self.batch_size > 0, f"BATCH_SIZE must be positive, got {self.batch_size}")
+        _check(self.num_layers == -1 or self.num_layers > 0,
+               f"NUM_LAYERS must be positive or -1 (all), got {self.num_layers}")
+        _check(self.lr > 0, f"LR must be positive, got {self.lr}")
+        _check(self.rank > 0, f"RANK must be positive, got {self.rank}")
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.max_seq_length >= 16, f"max_seq_length must be at least 16, got {self.max_seq_length}")
+        for name in ("steps_per_report", "steps_per_eval", "save_every"):
+            _check(getattr(self, name) > 0, f"{name} must be positive")
+        if self.alpha is not None:
+            _check(self.alpha > 0, f"alpha must be positive, got {self.alpha}")
+            self.scale = self.alpha / self.rank
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.scale * self.rank
+
+
+@dataclass
+class FuseOptions(ModelOptions):
+    dtype: str = opt("float32", "dtype of the fused weights (merged in float32 either way)",
+                     env="FUSE_DTYPE", choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class TestOptions(ModelOptions):
+    __test__ = False  # not a pytest test class
+    prompt: str | None = opt(None, "one prompt instead of the default ones", env="PROMPT")
+    num_prompts: int = opt(3, "how many default prompts (held-out questions of the data, "
+                           "else its validation prompts); -1 = all", env="NUM_PROMPTS")
+    max_tokens: int = opt(200, "maximum tokens per answer", env="MAX_TOKENS")
+    data_dir: str | None = opt(None, "where the default prompts come from (default: the run's data)",
+                               env="DATA_DIR")
+    no_base: bool = opt(False, "skip the base model's answers")
+
+
+ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions)

@@ -1,0 +1,80 @@
+"""Choosing where and in which precision torch runs, and loading a base model there."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+
+
+def pick_device(name: str = "auto") -> str:
+    import torch  # noqa: PLC0415
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on x86."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return sys.platform == "darwin"  # Apple Silicon CPUs do bf16 natively
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(name: str, device: str):
+    import torch  # noqa: PLC0415
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def set_threads() -> None:
+    """One thread per physical core: hyper-threads slow matmuls down."""
+    import torch  # noqa: PLC0415
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+
+
+def load_model(folder: Path, device: str, dtype, *, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from .data import ensure_chat_template  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    ensure_chat_template(tok)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def peak_memory_gb(device: str) -> float:
+    import torch  # noqa: PLC0415
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    if device == "mps":
+        return torch.mps.driver_allocated_memory() / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9

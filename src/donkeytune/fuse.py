@@ -1,0 +1,51 @@
+"""Merging a trained adapter into its base model's weights: output/fused/ (HF safetensors)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from . import device, runinfo
+from .config import FuseOptions
+from .errors import ModelError
+from .progress import say, status
+
+
+def run(opts: FuseOptions) -> Path:
+    """Fuse output/adapters into its base model; returns the fused folder."""
+    import torch  # noqa: PLC0415
+    from peft import PeftModel  # noqa: PLC0415
+
+    run_info = runinfo.read_run(opts.adapter_dir)
+    base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
+    out = opts.fused_dir
+    with status(f"Fusing {opts.adapter_dir} into {run_info['base_model']}"):
+        # Merge in float32: a small LoRA delta added to bf16 weights would be rounded away.
+        base = device.load_model(base_dir, "cpu", torch.float32,
+                                 trust_remote_code=opts.trust_remote_code)
+        before = {k: v.clone() for k, v in base.state_dict().items() if "layers" in k}
+        model = PeftModel.from_pretrained(base, opts.adapter_dir).merge_and_unload()
+        changed = sum(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+        if changed == 0:
+            raise ModelError(f"fusing {opts.adapter_dir} changed no weight: the adapter is empty "
+                             "(all-zero lora_B) or was not applied",
+                             "train for more iterations, or check RESUME_FROM")
+        model.to(getattr(torch, opts.dtype))
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok = device.load_tokenizer(base_dir, trust_remote_code=opts.trust_remote_code)
+        tok.save_pretrained(tmp)
+        for extra in ("generation_config.json",):
+            if (base_dir / extra).exists() and not (tmp / extra).exists():
+                shutil.copyfile(base_dir / extra, tmp / extra)
+        runinfo.write_json(tmp / runinfo.RUN_FILE, runinfo.run_record(
+            "fuse", opts, base_model=run_info["base_model"], base_model_path=str(base_dir),
+            base_fingerprint=run_info["base_fingerprint"], adapter=str(opts.adapter_dir),
+            changed_tensors=changed, system_prompt=run_info.get("system_prompt"),
+            data_dir=run_info.get("data_dir")))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    say(f"Fused model written to {out}/ ({changed} weight tensors changed)")
+    return out

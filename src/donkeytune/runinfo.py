@@ -1,0 +1,80 @@
+"""What an output folder was made from: written next to every stage's output, read by the next."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ModelError
+
+RUN_FILE = "donkeytune.json"
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write JSON atomically: a temporary file in the same folder, renamed when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Identity of a base model: its config (shapes, vocab) and the size of its weights."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"):
+        cfg.pop(volatile, None)
+    weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    blob = json.dumps(cfg, sort_keys=True) + f"|{weights}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    out = {"python": platform.python_version()}
+    for pkg in ("donkeytune", "torch", "transformers", "peft", "gguf", "llama_cpp_python"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run_record(stage: str, opts, **extra) -> dict:
+    return {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "options": dataclasses.asdict(opts), "versions": versions(), **extra}
+
+
+def read_run(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / RUN_FILE
+    if not path.is_file():
+        raise ModelError(f"{adapter_dir} holds no trained adapter ({RUN_FILE} missing)",
+                         "train first (make train), or point --output-dir at a run's folder")
+    return json.loads(path.read_text())
+
+
+def base_model_of(run: dict, model: str | None, *, trust_remote_code: bool = False) -> Path:
+    """The base model folder of a run; a MODEL that is not that base is an error naming both."""
+    from . import models  # noqa: PLC0415
+
+    trained_on = run["base_model"]
+    if model is None:
+        folder = Path(run["base_model_path"])
+        if not (folder / "config.json").exists():  # moved or cache cleared: resolve the reference again
+            folder = models.resolve(trained_on, trust_remote_code=trust_remote_code)
+    else:
+        folder = models.resolve(model, trust_remote_code=trust_remote_code)
+    if model_fingerprint(folder) != run["base_fingerprint"]:
+        raise ModelError(
+            f"the adapter was trained on {trained_on!r}, but MODEL is {model!r}, a different model",
+            f"leave MODEL unset to use {trained_on!r}, or train a new adapter for {model!r}")
+    return folder

@@ -1,0 +1,317 @@
+"""The training stage: LoRA on the last NUM_LAYERS blocks, loss on assistant tokens."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import data, device, models, runinfo
+from .config import TrainOptions
+from .errors import ConfigError, ModelError
+from .progress import say, warn
+
+ADAPTER_FILE = "adapter_model.safetensors"
+SEED_ADAPTER_FILE = "adapters.safetensors"  # the name the seed's RESUME_FROM paths use
+
+
+def run(opts: TrainOptions) -> Path:
+    """Train a LoRA adapter; returns the adapter folder (output/adapters)."""
+    dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
+    resume = _resume_source(opts)
+    _check_output_dir(opts, resume)
+    folder = models.resolve(opts.model or "smollm2-135m", trust_remote_code=opts.trust_remote_code)
+    if resume:
+        _check_resume_matches(resume, folder, opts)
+
+    import torch  # noqa: PLC0415
+
+    device.set_threads()
+    dev = device.pick_device(opts.device)
+    dtype = device.pick_dtype(opts.dtype, dev)
+    tok = device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code)
+    train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
+    valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
+    _print_plan(opts, train_set, valid_set)
+
+    torch.manual_seed(opts.seed)
+    base = device.load_model(folder, dev, dtype, trust_remote_code=opts.trust_remote_code)
+    model = add_lora(base, opts)
+    if resume:
+        load_adapter_weights(model, resume)
+    model.print_trainable_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+
+    meta = runinfo.run_record(
+        "train", opts, base_model=opts.model or "smollm2-135m", base_model_path=str(folder),
+        base_fingerprint=runinfo.model_fingerprint(folder), data_dir=str(opts.data_dir),
+        data_fingerprint=dataset.fingerprint, system_prompt=dataset.system_prompt,
+        resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
+        train_examples=len(train_set), valid_examples=len(valid_set))
+    pad = tok.pad_token_id
+    batches = data.batches(train_set, opts.batch_size, opts.seed, pad)
+
+    def step(batch):
+        model.train()
+        loss, ntok = batch_loss(model, batch, dev)
+        (loss / ntok).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item() / ntok, sum(map(sum, batch[1]))  # tokens/sec counts every non-pad token
+
+    def evaluate():
+        return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev)
+
+    def save(it: int, final: bool = False):
+        save_adapter(model, tok, opts.adapter_dir, dict(meta, iteration=it, complete=final),
+                     checkpoint=None if final else it)
+
+    reporter = Reporter(opts.iters, dev)
+    loop(step, batches, evaluate if valid_set else None, save, opts, reporter)
+    say(f"Adapter saved to {opts.adapter_dir}/ ({ADAPTER_FILE}, {SEED_ADAPTER_FILE})")
+    return opts.adapter_dir
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Reporter:
+    """Report lines and a progress bar; the loop only calls these three methods."""
+
+    iters: int
+    device: str
+    log: list = field(default_factory=list)
+    _bar: object = None
+
+    def train(self, it, loss, lr, its, tps, seen):
+        line = (f"Iter {it}: Train loss {loss:.3f}, Learning Rate {lr:.3e}, It/sec {its:.3f}, "
+                f"Tokens/sec {tps:.1f}, Trained Tokens {seen}, "
+                f"Peak mem {device.peak_memory_gb(self.device):.3f} GB")
+        self._print(line)
+        self.log.append({"iter": it, "train_loss": loss, "lr": lr, "tokens_per_sec": tps})
+
+    def valid(self, it, loss, seconds):
+        self._print(f"Iter {it}: Val loss {loss:.3f}, Val took {seconds:.3f}s")
+        self.log.append({"iter": it, "val_loss": loss})
+
+    def tick(self, it):
+        if self._bar is None and sys.stderr.isatty():
+            from rich.progress import Progress  # noqa: PLC0415
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("training", total=self.iters)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=it)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def _print(self, line):
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+
+def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, start: int = 0):
+    """Run steps start+1..iters: report, validate (start, every N, end) and checkpoint."""
+    if evaluate:
+        t = time.perf_counter()
+        report.valid(start, evaluate(), time.perf_counter() - t)
+    losses, tokens, seen, t0 = [], 0, 0, time.perf_counter()
+    it = start
+    try:
+        for it in range(start + 1, opts.iters + 1):
+            loss, ntok = step(next(batches))
+            if not math.isfinite(loss):
+                raise ConfigError(f"the loss became {loss} at iteration {it}; training stopped",
+                                  "lower LR (try half), or check the data for very long examples")
+            losses.append(loss)
+            tokens += ntok
+            seen += ntok
+            report.tick(it)
+            if it % opts.steps_per_report == 0 or it == opts.iters:
+                dt = time.perf_counter() - t0
+                report.train(it, sum(losses) / len(losses), opts.lr, len(losses) / dt, tokens / dt, seen)
+                losses, tokens, t0 = [], 0, time.perf_counter()
+            if evaluate and (it % opts.steps_per_eval == 0 or it == opts.iters):
+                t = time.perf_counter()
+                report.valid(it, evaluate(), time.perf_counter() - t)
+                t0 += time.perf_counter() - t  # validation time is not training speed
+            if it % opts.save_every == 0 and it != opts.iters:
+                save(it)
+    except KeyboardInterrupt:
+        report.close()
+        save(it)
+        say(f"\nInterrupted at iteration {it}: the adapter so far is saved in {opts.adapter_dir}/.\n"
+            f"Continue with: make train-resume RESUME_FROM={opts.adapter_dir}/{SEED_ADAPTER_FILE} "
+            f"ITERS={max(opts.iters - it, 1)}")
+        raise SystemExit(130) from None
+    report.close()
+    save(it, final=True)
+
+
+# ---------------------------------------------------------------- model pieces
+
+def add_lora(model, opts: TrainOptions):
+    """Wrap `model` in PEFT LoRA on every linear layer of the last NUM_LAYERS blocks."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    n_blocks = model.config.get_text_config().num_hidden_layers
+    n = n_blocks if opts.num_layers == -1 else opts.num_layers
+    if n > n_blocks:
+        raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
+                          f"use NUM_LAYERS={n_blocks} or -1 (all)")
+    config = LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
+                        target_modules=block_linear_names(model),
+                        layers_to_transform=list(range(n_blocks - n, n_blocks)),
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def block_linear_names(model) -> list[str]:
+    """Names of the nn.Linear layers inside the transformer blocks (q_proj, ..., down_proj)."""
+    import torch  # noqa: PLC0415
+
+    layers = model.get_decoder().layers
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in layers[0].named_modules()
+                   if isinstance(mod, torch.nn.Linear)})
+
+
+def batch_loss(model, batch, dev):
+    """Summed cross-entropy over the labelled tokens of a batch, and their count.
+
+    The LM head runs only on positions that carry a label: most of a chat is prompt,
+    and the vocabulary-wide logits are the largest tensor of the step.
+    """
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    ids, mask, labels = (torch.tensor(x, device=dev) for x in batch)
+    causal = model.get_base_model()
+    hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != data.IGNORE
+    logits = causal.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev) -> float:
+    import torch  # noqa: PLC0415
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b, start in enumerate(range(0, len(items), batch_size)):
+            if max_batches != -1 and b >= max_batches:
+                break
+            loss, ntok = batch_loss(model, data.collate(items[start:start + batch_size], pad_id), dev)
+            total += loss.item()
+            count += ntok
+    return total / max(count, 1)
+
+
+def save_adapter(model, tok, adapter_dir: Path, meta: dict, checkpoint: int | None = None):
+    """Write the PEFT adapter (+ the seed's adapters.safetensors) and the run metadata.
+
+    Written into a temporary folder and moved into place, so an interrupted save never
+    leaves a half-written adapter.
+    """
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    tmp = adapter_dir / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.copyfile(tmp / ADAPTER_FILE, tmp / SEED_ADAPTER_FILE)
+    runinfo.write_json(tmp / runinfo.RUN_FILE, meta)
+    targets = [adapter_dir]
+    if checkpoint is not None:
+        targets.append(adapter_dir / "checkpoints" / f"{checkpoint:07d}")
+    for target in targets:
+        target.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            shutil.copyfile(f, target / f".{f.name}.partial")
+            (target / f".{f.name}.partial").replace(target / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_adapter_weights(model, source: Path) -> None:
+    from peft import set_peft_model_state_dict  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    state = load_file(source)
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{source} does not fit this model's LoRA layers "
+                         f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)",
+                         "resume with the NUM_LAYERS and RANK the adapter was trained with")
+    say(f"Resuming from the adapter weights in {source}")
+
+
+# ---------------------------------------------------------------- checks before loading
+
+def _resume_source(opts: TrainOptions) -> Path | None:
+    if not opts.resume_from:
+        return None
+    path = Path(opts.resume_from)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise ConfigError(f"RESUME_FROM={opts.resume_from}: no adapter file there",
+                          f"point it at a trained adapter, e.g. output/adapters/{SEED_ADAPTER_FILE}")
+    return path
+
+
+def _check_resume_matches(source: Path, folder: Path, opts: TrainOptions) -> None:
+    """An adapter resumes only on its own base model, with its own rank."""
+    run_file = source.parent / runinfo.RUN_FILE
+    config_file = source.parent / "adapter_config.json"
+    if run_file.is_file():
+        run = runinfo.read_run(source.parent)
+        if run["base_fingerprint"] != runinfo.model_fingerprint(folder):
+            raise ModelError(
+                f"RESUME_FROM adapter was trained on {run['base_model']!r}, "
+                f"but MODEL is {opts.model or 'smollm2-135m'!r}",
+                f"set MODEL={run['base_model']} (or leave it unset), or train from scratch")
+    if config_file.is_file():
+        import json  # noqa: PLC0415
+
+        rank = json.loads(config_file.read_text()).get("r")
+        if rank is not None and rank != opts.rank:
+            raise ConfigError(f"RESUME_FROM adapter has rank {rank}, but RANK={opts.rank}",
+                              f"set RANK={rank} to continue it")
+
+
+def _check_output_dir(opts: TrainOptions, resume: Path | None) -> None:
+    """Never overwrite the adapter of another model by accident (the seed's clean-output trap)."""
+    run_file = opts.adapter_dir / runinfo.RUN_FILE
+    if opts.force or not run_file.is_file():
+        return
+    run = runinfo.read_run(opts.adapter_dir)
+    if run.get("base_model") != (opts.model or "smollm2-135m") and not resume:
+        raise ConfigError(
+            f"{opts.adapter_dir} holds an adapter trained on {run.get('base_model')!r}; "
+            f"training {opts.model or 'smollm2-135m'!r} would overwrite it",
+            "pass --force (FORCE=1), pick another --output-dir, or `make clean-output`")
+
+
+def _print_plan(opts: TrainOptions, train_set, valid_set) -> None:
+    tokens = sum(len(t.input_ids) for t in train_set)
+    trained = sum(t.trained_tokens for t in train_set)
+    epochs = opts.iters * opts.batch_size / max(len(train_set), 1)
+    say(f"Data: {len(train_set)} train / {len(valid_set)} valid examples, {tokens} train tokens "
+        f"({trained} trained on). {opts.iters} iterations x {opts.batch_size} examples = "
+        f"{epochs:.1f} epochs.")
+    if epochs > 30:
+        warn(f"{epochs:.0f} epochs is a lot: the model may memorise the data; lower ITERS")
+    if len(train_set) < opts.batch_size:
+        warn(f"only {len(train_set)} training examples for BATCH_SIZE={opts.batch_size}")
