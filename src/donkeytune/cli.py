@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 
 from . import __version__, config
 from .errors import DonkeyError
@@ -78,6 +79,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")

@@ -159,7 +159,8 @@ class TrainOptions(ModelOptions):
     dtype: str = opt("auto", "compute dtype of the frozen base: auto (bf16 where the hardware "
                      "has it), bfloat16, float16 or float32", env="DTYPE",
                      choices=("auto", "bfloat16", "float16", "float32"))
-    force: bool = opt(False, "train even if the output folder holds a run of another model")
+    force: bool = opt(False, "train even if the output folder holds a run of another model",
+                      env="FORCE")
 
     def __post_init__(self):
         _check(self.iters > 0, f"ITERS must be positive, got {self.iters}")
@@ -196,7 +197,7 @@ class TestOptions(ModelOptions):
     max_tokens: int = opt(200, "maximum tokens per answer", env="MAX_TOKENS")
     data_dir: str | None = opt(None, "where the default prompts come from (default: the run's data)",
                                env="DATA_DIR")
-    no_base: bool = opt(False, "skip the base model's answers")
+    base: bool = opt(True, "also answer with the base model, for comparison")
 
 
 ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions)

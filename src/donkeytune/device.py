@@ -51,7 +51,10 @@ def set_threads() -> None:
 
 def load_model(folder: Path, device: str, dtype, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    from transformers.utils import logging  # noqa: PLC0415
 
+    if not sys.stderr.isatty():
+        logging.disable_progress_bar()  # per-tensor bars flood logs
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
     return model.to(device)

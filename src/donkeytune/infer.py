@@ -50,7 +50,7 @@ def run(opts: TestOptions) -> list[dict]:
             {"role": "user", "content": p["question"]}]
         row = {"question": p["question"], "keyword": p["keyword"]}
         row["finetuned"] = generate(model, tok, messages, opts.max_tokens, dev)
-        if not opts.no_base:
+        if opts.base:
             with model.disable_adapter():
                 row["base"] = generate(model, tok, messages, opts.max_tokens, dev)
         results.append(row)

@@ -67,7 +67,7 @@ def run(opts: TrainOptions) -> Path:
         return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev)
 
     def save(it: int, final: bool = False):
-        save_adapter(model, tok, opts.adapter_dir, dict(meta, iteration=it, complete=final),
+        save_adapter(model, opts.adapter_dir, dict(meta, iteration=it, complete=final),
                      checkpoint=None if final else it)
 
     reporter = Reporter(opts.iters, dev)
@@ -220,7 +220,7 @@ def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev) -> float:
     return total / max(count, 1)
 
 
-def save_adapter(model, tok, adapter_dir: Path, meta: dict, checkpoint: int | None = None):
+def save_adapter(model, adapter_dir: Path, meta: dict, checkpoint: int | None = None):
     """Write the PEFT adapter (+ the seed's adapters.safetensors) and the run metadata.
 
     Written into a temporary folder and moved into place, so an interrupted save never

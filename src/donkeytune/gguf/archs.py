@@ -44,14 +44,21 @@ def text_config(cfg: dict) -> dict:
 
 
 def rope_params(cfg: dict, kind: str = "full_attention") -> dict:
-    """Rope settings with rope_theta and rope_type, from `rope_parameters` or top-level keys."""
-    params = dict(cfg.get("rope_scaling") or {})
-    new = cfg.get("rope_parameters") or {}
-    params.update(new.get(kind, new) if isinstance(new.get(kind), dict) else new)
-    params = {k: v for k, v in params.items() if k not in ("full_attention", "sliding_attention")}
+    """Rope settings (rope_theta, rope_type, factors) of the `kind` attention layers.
+
+    transformers 5 writes `rope_parameters` (Gemma3: one dict per attention type);
+    older configs have top-level `rope_theta` and `rope_scaling`.
+    """
+    nested = cfg.get("rope_parameters") or {}
+    if "full_attention" in nested or "sliding_attention" in nested:
+        params = dict(nested.get(kind) or {})
+    elif kind == "full_attention":
+        params = {**(cfg.get("rope_scaling") or {}), **nested}
+    else:
+        return {}
     if "rope_type" not in params and "type" in params:
         params["rope_type"] = params["type"]
-    if "rope_theta" not in params and cfg.get("rope_theta") is not None:
+    if kind == "full_attention" and "rope_theta" not in params and cfg.get("rope_theta"):
         params["rope_theta"] = cfg["rope_theta"]
     return params
 

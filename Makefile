@@ -1,0 +1,95 @@
+# DonkeyTune: the seed's Makefile interface, as thin calls of the `donkeytune` CLI.
+# Variables given here (make train ITERS=300) reach the CLI as DONKEYTUNE_<NAME>;
+# defaults live in one place, the CLI (donkeytune train --help).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DT := $(BIN)/donkeytune
+# torch 2.13.0: on Linux x86_64 machines of our kind pip takes the CPU build that lies on disk.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LENGTH QUANTIZE \
+        PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE
+$(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
+
+.PHONY: help setup demo check check-slow train train-resume fuse test test-prompt convert all \
+        merge-data train-merged models clean-output clean
+
+help:
+	@echo "DonkeyTune - fine-tune a small LLM with LoRA, get back a GGUF"
+	@echo ""
+	@echo "  make demo          set up, then train + fuse + test on the built-in model and examples/facts (offline)"
+	@echo "  make check         run the test suite (check-slow: the real-model tests)"
+	@echo "  make setup         create $(VENV) and install DonkeyTune"
+	@echo ""
+	@echo "  make train         fine-tune: MODEL= ITERS= BATCH_SIZE= NUM_LAYERS= LR= RANK= DATA_DIR= CONFIG="
+	@echo "  make train-resume  continue from an adapter: RESUME_FROM=output/adapters/adapters.safetensors"
+	@echo "  make fuse          merge the adapter into the base model -> output/fused/"
+	@echo "  make test          the default prompts, base vs fine-tuned (MODEL from the run)"
+	@echo "  make test-prompt   one prompt: PROMPT=\"...\""
+	@echo "  make models        built-in and tested models"
+	@echo "  make clean-output  remove output/ (adapters, fused model, GGUF)"
+	@echo "  make clean         remove output/ and $(VENV)"
+	@echo ""
+	@echo "  coming: make convert (GGUF + quantize), make all, make merge-data, make train-merged"
+	@echo ""
+	@echo "Defaults: ITERS=600 BATCH_SIZE=4 NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10 DATA_DIR=data MODEL=smollm2-135m"
+	@echo "All options: $(DT) train --help"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+setup: $(VENV)/.installed
+	@$(DT) --version
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $@
+
+check: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+check-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+demo: setup
+	$(DT) train --config examples/facts/demo.yaml
+	$(DT) fuse
+	$(DT) test --num-prompts -1
+
+train: setup
+	$(DT) train
+
+train-resume: setup
+	@test -n "$(RESUME_FROM)" || { echo "error: set RESUME_FROM=path/to/adapters.safetensors"; exit 2; }
+	$(DT) train
+
+fuse: setup
+	$(DT) fuse
+
+test: setup
+	$(DT) test
+
+test-prompt: setup
+	@test -n "$(PROMPT)" || { echo 'error: set PROMPT="your question"'; exit 2; }
+	$(DT) test
+
+models: setup
+	@$(DT) models
+
+convert all merge-data train-merged:
+	@echo "make $@ is coming in a later version of DonkeyTune"; exit 2
+
+clean-output:
+	rm -rf output
+
+clean: clean-output
+	rm -rf $(VENV)

@@ -1,0 +1,62 @@
+"""Quantizing a GGUF with llama.cpp's own quantizer, through llama-cpp-python (no CLI needed).
+
+K-quants (Q4_K_M...) exist only in llama.cpp's C code, so this is the one way to make them
+without a llama.cpp checkout. Tokenizer and chat template metadata are copied as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from .errors import ConfigError, ModelError
+
+# llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
+QTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32}
+_SOURCE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type llama.cpp requantizes well
+
+
+def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int | None = None) -> Path:
+    """Write `in_gguf` (an f32/f16/bf16 export) quantized to `qtype` at `out_gguf`."""
+    in_gguf, out_gguf = Path(in_gguf), Path(out_gguf)
+    ftype = QTYPES.get(qtype.upper())
+    if ftype is None:
+        raise ConfigError(f"unknown quantization type {qtype!r}", "use one of: " + ", ".join(QTYPES))
+    _check_source(in_gguf)
+
+    import llama_cpp  # noqa: PLC0415 - loads the C library, only when quantizing
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or os.cpu_count() or 1
+    tmp = out_gguf.with_name(out_gguf.name + ".partial")
+    out_gguf.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(),
+                                            ctypes.byref(params))
+        if rc != 0:
+            raise ModelError(f"llama.cpp failed to quantize {in_gguf} to {qtype} (status {rc})",
+                             "check the file loads in llama.cpp; disk space in "
+                             f"{out_gguf.parent}")
+        os.replace(tmp, out_gguf)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_gguf
+
+
+def _check_source(path: Path) -> None:
+    """Refuse inputs llama.cpp would refuse or degrade (already-quantized files)."""
+    import gguf  # noqa: PLC0415
+
+    if not path.is_file():
+        raise ModelError(f"GGUF file {path} not found")
+    try:
+        field = gguf.GGUFReader(path).get_field(gguf.Keys.General.FILE_TYPE)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
+    ftype = int(field.contents()) if field is not None else 0
+    if ftype not in _SOURCE_TYPES:
+        raise ConfigError(f"{path} is already quantized (file type {ftype}); quantizing it "
+                          "again would lose quality", "export the model as f16 and quantize that")

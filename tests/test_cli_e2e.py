@@ -1,0 +1,68 @@
+"""Each CLI stage through the real console script, on a tiny model, checking what it wrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None, cwd=ROOT):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "donkeytune", *args], capture_output=True,
+                          text=True, timeout=600, env=full_env, cwd=cwd)
+
+
+def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    rows = [{"messages": [{"role": "user", "content": f"Say the word number {i}."},
+                          {"role": "assistant", "content": f"Word {i}: Zanzibar."}]} for i in range(8)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "valid.jsonl", rows[:2])
+    (tmp_path / "run.yaml").write_text("iters: 50\nsteps_per_report: 2\nlr: 1.0e-3\n")
+    out = tmp_path / "out"
+    # Make-variable style environment beats the YAML; the flag beats both.
+    env = {"DONKEYTUNE_ITERS": "40", "DONKEYTUNE_DATA_DIR": str(data), "DONKEYTUNE_MODEL": str(tiny_model("llama"))}
+    p = run("train", "--config", str(tmp_path / "run.yaml"), "--iters", "4", "--output-dir", str(out),
+            "--num-layers", "-1", "--save-every", "2", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "Iter 4: Train loss" in p.stdout and "Iter 5:" not in p.stdout  # flag won: 4 iterations
+    assert "Iter 2: Train loss" in p.stdout and "Learning Rate 1.000e-03" in p.stdout  # YAML values
+    assert "8 train / 2 valid examples" in p.stderr and "4 iterations x 4 examples = 2.0 epochs" in p.stderr
+    adapters = out / "adapters"
+    assert sorted(p.name for p in (adapters / "checkpoints").iterdir()) == ["0000002"]
+    assert (adapters / "adapters.safetensors").read_bytes() == (adapters / "adapter_model.safetensors").read_bytes()
+
+    p = run("fuse", "--output-dir", str(out))  # MODEL comes from the run's metadata
+    assert p.returncode == 0, p.stderr
+    assert (out / "fused" / "model.safetensors").is_file()
+
+    p = run("test", "--output-dir", str(out), "--max-tokens", "5")  # prompts from the run's data
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("Q: ") == 2 and p.stdout.count("base:") == 2
+    assert "Q: Say the word number 0." in p.stdout
+
+    p = run("test", "--output-dir", str(out), "--max-tokens", "3", "--prompt", "Hello?", "--no-base")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("Q: Hello?") == 1 and "base:" not in p.stdout
+
+
+def test_help_explains_options():
+    p = run("train", "--help")
+    assert p.returncode == 0
+    for text in ("--iters", "[ITERS]", "--batch-size", "examples per optimizer step", "--resume-from",
+                 "--train-on-prompt"):
+        assert text in p.stdout
+    p = run("--help")
+    assert all(c in p.stdout for c in ("train", "fuse", "test", "models"))
+
+
+def test_test_without_a_run_says_what_to_do(tmp_path):
+    p = run("test", "--output-dir", str(tmp_path))
+    assert p.returncode == 2
+    assert "holds no trained adapter" in p.stderr and "make train" in p.stderr
