@@ -1,4 +1,5 @@
-"""Chat data: reading and validating JSONL, tokenizing with the model's chat template, batching.
+"""Chat data: reading and validating JSONL or JSON (several formats, see formats.py), tokenizing
+with the model's chat template, batching.
 
 Every problem in the data is reported with file:line before any model loads.
 """
@@ -7,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import formats
 from .errors import DataError
 from .progress import warn
 
-ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label of tokens the loss skips
 MAX_SHOWN = 10  # problems listed in one error message
+SPLIT_FILES = ("{}.jsonl", "{}.json")  # train.jsonl, else train.json (JSON array or JSONL)
 
 # Used when a model has no chat template of its own (base models): ChatML.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
@@ -28,6 +32,30 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 class Example:
     messages: list[dict]
     where: str  # "file:line", for messages about this example
+    plain: bool = False  # plain text: tokenized as is (no chat template), every token trained
+
+
+@dataclass
+class Problem:
+    """Something wrong with the data, located; `data check` lists them, loading raises the errors."""
+
+    severity: str  # "error" or "warning"
+    path: str
+    line: int | None
+    message: str
+    fix: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}" if self.line else str(self.path)
+
+
+@dataclass
+class FileData:
+    path: Path
+    examples: list[Example]
+    problems: list[Problem]  # errors only: reading never warns
+    formats: dict[str, int]  # records per detected format
 
 
 @dataclass
@@ -55,96 +83,210 @@ def fingerprint(files) -> str:
     return h.hexdigest()[:16]
 
 
-def load_dir(data_dir: str | Path) -> Dataset:
-    """Read train.jsonl (required) and valid.jsonl (optional, a warning when missing)."""
+def split_file(data_dir: str | Path, split: str) -> Path | None:
+    """DIR/train.jsonl or DIR/train.json, None when neither is there."""
+    found = [Path(data_dir) / name.format(split) for name in SPLIT_FILES]
+    found = [p for p in found if p.is_file()]
+    if len(found) > 1:
+        raise DataError(found[1], None, f"both {found[0].name} and {found[1].name} are here",
+                        "keep one of them")
+    return found[0] if found else None
+
+
+def load_dir(data_dir: str | Path, fmt: str | None = None) -> Dataset:
+    """Read train.jsonl (required) and valid.jsonl (optional, a warning when missing).
+
+    `.json` files (a JSON array of records) are read too; each file's format is detected
+    (see formats.py) unless `fmt` forces one.
+    """
     data_dir = Path(data_dir)
-    train_path = data_dir / "train.jsonl"
     if not data_dir.is_dir():
         raise DataError(data_dir, None, "data folder not found",
                         "set DATA_DIR to a folder with train.jsonl and valid.jsonl "
                         "(make demo uses examples/facts)")
-    if not train_path.is_file():
-        raise DataError(train_path, None, "train.jsonl not found",
+    train_path = split_file(data_dir, "train")
+    if train_path is None:
+        raise DataError(data_dir / "train.jsonl", None, "train.jsonl not found",
                         "put your training examples there, one JSON object per line: "
                         '{"messages": [{"role": "user", "content": "..."}, '
-                        '{"role": "assistant", "content": "..."}]}')
-    train = load_file(train_path)
-    valid_path = data_dir / "valid.jsonl"
+                        '{"role": "assistant", "content": "..."}]} (train.json, a JSON array, '
+                        "works too; `donkeytune data check` lists the formats)")
+    train = load_file(train_path, fmt)
+    valid_path = split_file(data_dir, "valid")
     files = [train_path]
-    if valid_path.is_file():
-        valid = load_file(valid_path)
+    if valid_path is not None:
+        valid = load_file(valid_path, fmt)
         files.append(valid_path)
     else:
         valid = []
-        warn(f"{valid_path} not found: training runs without validation loss, so you will not "
-             "see overfitting. Put 10-20% of your examples there.")
+        warn(f"{data_dir / 'valid.jsonl'} not found: training runs without validation loss, so you "
+             "will not see overfitting. Put 10-20% of your examples there "
+             "(`donkeytune data split` does it).")
     return Dataset(train, valid, files)
 
 
-def load_file(path: Path) -> list[Example]:
-    """Parse and validate one JSONL file; all problems are reported together."""
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(path, None, "the file is empty", "add one JSON object per line")
-    examples, problems = [], []
+def load_file(path: Path, fmt: str | None = None) -> list[Example]:
+    """Parse and validate one file; its problems are reported together, as one DataError."""
+    got = read_file(Path(path), fmt, limit=MAX_SHOWN + 1)
+    if got.problems:
+        first = got.problems[0]
+        more = "".join(f"\n  {p.where}: {p.message}" for p in got.problems[1:MAX_SHOWN])
+        if len(got.problems) > MAX_SHOWN:
+            more += "\n  ... (more problems not shown; `donkeytune data check` lists them all)"
+        raise DataError(first.path, first.line, first.message + more, first.fix)
+    return got.examples
+
+
+def read_file(path: Path, fmt: str | None = None, limit: int | None = None) -> FileData:
+    """Read one JSONL file (or JSON array) into examples and located errors; never raises on bad data.
+
+    Each record's format is detected from its keys unless `fmt` forces one; a record of no
+    known format is reported against the file's main format. `limit` stops after that many errors.
+    """
+    path = Path(path)
+    out = FileData(path, [], [], {})
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        out.problems.append(Problem("error", str(path), None, f"cannot read the file ({e.strerror})"))
+        return out
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():
+        out.problems.append(Problem("error", str(path), None, "the file is empty",
+                                    "add one JSON object per line"))
+        return out
+    records = list(_records(raw, path.suffix.lower() == ".json"))
+    detected = [fmt or formats.detect(obj) for _, obj in records]
+    counts = Counter(f for f in detected if f)
+    main = fmt or (counts.most_common(1)[0][0] if counts else "chat")
+    for (number, obj), kind in zip(records, detected):
+        try:
+            if isinstance(obj, ValueError):
+                raise obj
+            messages, plain = formats.to_messages(obj, kind or main)
+        except ValueError as e:
+            out.problems.append(Problem("error", str(path), number, str(e), _fix(kind or main)))
+            if limit and len(out.problems) >= limit:
+                break
+            continue
+        out.examples.append(Example(messages, f"{path}:{number}", plain))
+        out.formats[kind or main] = out.formats.get(kind or main, 0) + 1
+    return out
+
+
+def _fix(fmt: str) -> str:
+    if fmt == "chat":
+        return ('each line must be {"messages": [{"role": "system"|"user"|"assistant", '
+                '"content": "..."}, ...]} with at least one assistant turn')
+    return f"each {fmt} record must be {formats.SHAPES[fmt]}"
+
+
+def _records(raw: bytes, json_file: bool):
+    """(line, object) per record, or (line, ValueError) for a record that is not JSON.
+
+    A .json file holding a JSON array is read element by element (each located at the line
+    it starts on); anything else is JSONL, one record per line.
+    """
+    body = raw.removeprefix(b"\xef\xbb\xbf")
+    if json_file and body.lstrip().startswith(b"["):
+        yield from _array_records(body)
+        return
     for number, line in enumerate(raw.splitlines(), start=1):
         if number == 1:
             line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
-        if not line.strip():
-            continue
-        try:
-            messages = parse_line(line)
-        except ValueError as e:
-            problems.append((number, str(e)))
-            if len(problems) > MAX_SHOWN:
-                break
-            continue
-        examples.append(Example(messages, f"{path}:{number}"))
-    if problems:
-        first_line, first = problems[0]
-        more = "".join(f"\n  {path}:{n}: {msg}" for n, msg in problems[1:MAX_SHOWN])
-        if len(problems) > MAX_SHOWN:
-            more += "\n  ... (more problems not shown)"
-        raise DataError(path, first_line, first + more,
-                        'each line must be {"messages": [{"role": "system"|"user"|"assistant", '
-                        '"content": "..."}, ...]} with at least one assistant turn')
-    return examples
+        if line.strip():
+            try:
+                yield number, _decode(line)
+            except ValueError as e:
+                yield number, e
 
 
-def parse_line(line: bytes) -> list[dict]:
-    """One JSONL line -> validated messages; ValueError says what is wrong."""
+def _decode(line: bytes):
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"invalid UTF-8 at byte {e.start}: save the file as UTF-8") from None
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON at column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise ValueError("invalid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" not in obj:
-        raise ValueError(f"missing \"messages\" (keys found: {', '.join(map(str, obj)) or 'none'})")
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("\"messages\" must be a non-empty list")
-    for i, m in enumerate(messages, start=1):
-        if not isinstance(m, dict):
-            raise ValueError(f"message {i} is not an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r} (use system, user or assistant)")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}): \"content\" must be a string")
-        if not content.strip():
-            raise ValueError(f"message {i} ({role}): empty content")
-        if role == "system" and i != 1:
-            raise ValueError(f"message {i}: a system message must come first")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("no assistant turn: there is nothing to learn from this example")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _array_records(body: bytes):
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield body.count(b"\n", 0, e.start) + 1, ValueError(
+            f"invalid UTF-8 at byte {e.start}: save the file as UTF-8")
+        return
+    decoder = json.JSONDecoder()
+    pos, line, counted = _skip_ws(text, text.index("[") + 1), 1, 0
+
+    def line_at(p: int) -> int:  # line numbers counted incrementally: one pass over the text
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
+    if text.startswith("]", pos):
+        pos = _skip_ws(text, pos + 1)
+    else:
+        while True:
+            start = line_at(pos)
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                yield e.lineno, ValueError(f"invalid JSON at column {e.colno}: {e.msg} "
+                                           "(the rest of the array is not read)")
+                return
+            except RecursionError:
+                yield start, ValueError("invalid JSON: nested too deeply (the rest of the array is not read)")
+                return
+            yield start, obj
+            pos = _skip_ws(text, pos)
+            if text.startswith(",", pos):
+                pos = _skip_ws(text, pos + 1)
+            elif text.startswith("]", pos):
+                pos = _skip_ws(text, pos + 1)
+                break
+            else:
+                yield line_at(pos), ValueError("invalid JSON: expected , or ] after an array element "
+                                               "(the rest of the array is not read)")
+                return
+    if pos < len(text):
+        yield line_at(pos), ValueError("invalid JSON: text after the closing ] of the array")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def parse_line(line: bytes) -> list[dict]:
+    """One chat JSONL line -> validated messages; ValueError says what is wrong."""
+    return formats.to_messages(_decode(line), "chat")[0]
+
+
+def write_records(path: Path, examples: list[Example]) -> Path:
+    """Write examples as JSONL (chat records; plain text as text records), atomically."""
+    lines = (json.dumps(formats.to_record(ex.messages, ex.plain), ensure_ascii=False) + "\n"
+             for ex in examples)
+    return write_atomic(path, "".join(lines))
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write to a temporary name in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def load_questions(data_dir: str | Path) -> list[dict]:
@@ -186,13 +328,20 @@ def render(tokenizer, messages, add_generation_prompt=False) -> str:
                                          add_generation_prompt=add_generation_prompt)
 
 
-def tokenize(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> Tokenized:
+def tokenize(tokenizer, messages: list[dict], train_on_prompt: bool = False,
+             plain: bool = False) -> Tokenized:
     """Token ids of the chat-templated conversation, labels on assistant turns only.
 
     An assistant turn spans from the end of the prompt the template renders for it (with
     the generation header) to the end of the conversation rendered up to that turn, so the
-    end-of-turn token is learned too: without it the model never stops.
+    end-of-turn token is learned too: without it the model never stops. A plain-text
+    example (one assistant turn) is tokenized as is, with EOS, and trained on every token.
     """
+    if plain:
+        ids = tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+            ids = ids + [tokenizer.eos_token_id]
+        return Tokenized(ids, list(ids))
     text = render(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
@@ -214,12 +363,29 @@ def tokenize(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> 
     return Tokenized(ids, labels)
 
 
+def count_tokens(tokenizer, examples: list[Example], chunk: int = 2048) -> list[int]:
+    """Tokens per example as `tokenize` makes them, counted in batches (fast for length checks)."""
+    extra = len(tokenizer("", add_special_tokens=True)["input_ids"])  # the BOS/EOS it adds
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token_id
+    counts = []
+    for i in range(0, len(examples), chunk):
+        part = examples[i:i + chunk]
+        texts = [ex.messages[-1]["content"] if ex.plain else render(tokenizer, ex.messages) for ex in part]
+        for ex, text, ids in zip(part, texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if ex.plain:  # tokenize adds the special tokens, then EOS unless it is there
+                ids = tokenizer(text, add_special_tokens=True)["input_ids"] if extra else ids
+                counts.append(len(ids) + (eos is not None and ids[-1:] != [eos]))
+            else:
+                counts.append(len(ids) + (0 if bos and text.startswith(bos) else extra))
+    return counts
+
+
 def tokenize_all(tokenizer, examples: list[Example], max_len: int, train_on_prompt: bool,
                  split: str) -> list[Tokenized]:
     """Tokenize a split; truncation and examples left with nothing to learn are counted."""
     out, truncated, lost, empty = [], 0, 0, 0
     for ex in examples:
-        t = tokenize(tokenizer, ex.messages, train_on_prompt)
+        t = tokenize(tokenizer, ex.messages, train_on_prompt, plain=ex.plain)
         if len(t.input_ids) > max_len:
             truncated += 1
             lost += len(t.input_ids) - max_len

@@ -6,7 +6,7 @@ No torch here: exporting must work in a small environment and keep memory flat.
 from __future__ import annotations
 
 from .archs import ARCHS
-from .export import export, export_adapter
+from .convert import export, export_adapter
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHS)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

@@ -39,9 +39,15 @@ class TensorRef:
                              "save the model in float32, float16 or bfloat16")
         raw = np.memmap(self.file, dtype=_NUMPY[self.dtype], mode="r", offset=self.offset,
                         shape=self.shape or (1,))
-        if self.dtype == "BF16":  # bf16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
-        return np.array(raw, dtype=np.float32).reshape(self.shape)
+        out = np.empty(raw.shape, np.float32)
+        if self.dtype == "BF16":  # bf16 is the top half of a float32; shift in place
+            bits = out.view(np.uint32)
+            bits[...] = raw
+            bits <<= 16
+        else:
+            out[...] = raw
+        del raw  # unmap before the caller converts, so the file pages can go
+        return out.reshape(self.shape)
 
 
 def read_header(file: Path) -> dict[str, TensorRef]:
