@@ -11,7 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
 VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LENGTH QUANTIZE \
-        PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE
+        PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE \
+        INPUTS
 $(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
 
 .PHONY: help setup demo check check-slow train train-resume fuse test test-prompt convert all \
@@ -20,20 +21,24 @@ $(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DO
 help:
 	@echo "DonkeyTune - fine-tune a small LLM with LoRA, get back a GGUF"
 	@echo ""
-	@echo "  make demo          set up, then train + fuse + test on the built-in model and examples/facts (offline)"
+	@echo "  make demo          set up, then train + convert + test on the built-in model and examples/facts (offline)"
 	@echo "  make check         run the test suite (check-slow: the real-model tests)"
 	@echo "  make setup         create $(VENV) and install DonkeyTune"
 	@echo ""
 	@echo "  make train         fine-tune: MODEL= ITERS= BATCH_SIZE= NUM_LAYERS= LR= RANK= DATA_DIR= CONFIG="
 	@echo "  make train-resume  continue from an adapter: RESUME_FROM=output/adapters/adapters.safetensors"
 	@echo "  make fuse          merge the adapter into the base model -> output/fused/"
-	@echo "  make test          the default prompts, base vs fine-tuned (MODEL from the run)"
+	@echo "  make convert       fuse + GGUF export + llama.cpp quantization -> output/gguf/ (QUANTIZE=Q4_K_M)"
+	@echo "  make all           train + convert + test"
+	@echo "  make test          the default prompts, base vs fine-tuned GGUF in llama.cpp (MODEL from the run)"
 	@echo "  make test-prompt   one prompt: PROMPT=\"...\""
 	@echo "  make models        built-in and tested models"
 	@echo "  make clean-output  remove output/ (adapters, fused model, GGUF)"
 	@echo "  make clean         remove output/ and $(VENV)"
 	@echo ""
-	@echo "  coming: make convert (GGUF + quantize), make all, make merge-data, make train-merged"
+	@echo "  make merge-data    merge datasets into DATA_DIR: INPUTS=\"datasets/a datasets/b\" (no duplicates, no leaks)"
+	@echo "  make train-merged  merge INPUTS into output/merged-data, then train-resume on it (RESUME_FROM=)"
+	@echo "  data tools         $(DT) data check|stats|split|merge|convert --help"
 	@echo ""
 	@echo "Defaults: ITERS=600 BATCH_SIZE=4 NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10 DATA_DIR=data MODEL=smollm2-135m"
 	@echo "All options: $(DT) train --help"
@@ -62,8 +67,8 @@ check-slow: $(VENV)/.installed-test
 
 demo: setup
 	$(DT) train --config examples/facts/demo.yaml
-	$(DT) fuse
-	$(DT) test --num-prompts -1
+	$(DT) convert
+	$(DT) test --num-prompts -1 --max-tokens 60
 
 train: setup
 	$(DT) train
@@ -78,6 +83,14 @@ fuse: setup
 test: setup
 	$(DT) test
 
+convert: setup
+	$(DT) convert
+
+all: setup
+	$(DT) train
+	$(DT) convert
+	$(DT) test
+
 test-prompt: setup
 	@test -n "$(PROMPT)" || { echo 'error: set PROMPT="your question"'; exit 2; }
 	$(DT) test
@@ -85,8 +98,17 @@ test-prompt: setup
 models: setup
 	@$(DT) models
 
-convert all merge-data train-merged:
-	@echo "make $@ is coming in a later version of DonkeyTune"; exit 2
+MERGED_DIR = $(or $(OUTPUT_DIR),output)/merged-data
+
+merge-data: setup
+	@test -n "$(INPUTS)" || { echo 'error: set INPUTS="datasets/a datasets/b"'; exit 2; }
+	$(DT) data merge
+
+train-merged: setup
+	@test -n "$(INPUTS)" || { echo 'error: set INPUTS="datasets/a datasets/b"'; exit 2; }
+	@test -n "$(RESUME_FROM)" || { echo "error: set RESUME_FROM=path/to/adapters.safetensors"; exit 2; }
+	$(DT) data merge --out $(MERGED_DIR)
+	$(DT) train --data-dir $(MERGED_DIR)
 
 clean-output:
 	rm -rf output

@@ -51,6 +51,38 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Q: Hello?") == 1 and "base:" not in p.stdout
 
+    # convert: the fused model is current, so it is reused; f16 + quantized GGUF are written
+    p = run("convert", "--output-dir", str(out), env={"DONKEYTUNE_QUANTIZE": "Q8_0"})
+    assert p.returncode == 0, p.stderr
+    assert "Fusing" not in p.stderr
+    name = tiny_model("llama").name
+    gguf_dir = out / "gguf"
+    assert {p.name for p in gguf_dir.iterdir()} == {
+        f"{name}-finetuned-f16.gguf", f"{name}-finetuned-Q8_0.gguf", "donkeytune.json"}
+
+    # after convert, `test` runs the quantized GGUF in llama.cpp, beside the base model's GGUF
+    p = run("test", "--output-dir", str(out), "--max-tokens", "4", "--num-prompts", "1")
+    assert p.returncode == 0, p.stderr
+    assert f"Testing the GGUF {gguf_dir / (name + '-finetuned-Q8_0.gguf')} in llama.cpp" in p.stderr
+    assert p.stdout.count("Q: ") == 1 and p.stdout.count("base:") == 1
+
+    p = run("export-adapter", str(out / "adapters"), str(tmp_path / "lora.gguf"))
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "lora.gguf").stat().st_size > 0
+
+
+def test_export_and_quantize_commands(tiny_model, tmp_path):
+    f16 = tmp_path / "m-f16.gguf"
+    p = run("export", str(tiny_model("qwen2")), str(f16), "--outtype", "f16")
+    assert p.returncode == 0, p.stderr
+    p = run("quantize", str(f16), str(tmp_path / "m-q4.gguf"), "--type", "Q4_K_M")
+    assert p.returncode == 0, p.stderr
+    assert 0 < (tmp_path / "m-q4.gguf").stat().st_size < f16.stat().st_size
+    p = run("quantize", str(f16), str(tmp_path / "x.gguf"), "--type", "Q3_XL")
+    assert p.returncode == 2
+    assert "unknown quantization type 'Q3_XL'" in p.stderr and "Q4_K_M" in p.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
 
 def test_help_explains_options():
     p = run("train", "--help")

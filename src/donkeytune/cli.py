@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 import warnings
 
 from . import __version__, config
@@ -29,18 +30,72 @@ def _test(opts):
     return infer.run(opts)
 
 
+def _convert(opts):
+    from . import convert  # noqa: PLC0415
+
+    return convert.run(opts)
+
+
+def _export(opts):
+    from . import convert  # noqa: PLC0415
+
+    return convert.run_export(opts)
+
+
+def _quantize(opts):
+    from . import convert  # noqa: PLC0415
+
+    return convert.run_quantize(opts)
+
+
+def _export_adapter(opts):
+    from . import convert  # noqa: PLC0415
+
+    return convert.run_export_adapter(opts)
+
+
 def _models(_opts):
     from . import report  # noqa: PLC0415
 
     report.print_models()
 
 
-# name -> (options class, stage function, help)
+def _data(name: str):
+    def run(opts):
+        from . import datatools  # noqa: PLC0415
+
+        return getattr(datatools, name)(opts)
+
+    return run
+
+
+# `donkeytune data NAME`: check and stats return the exit status (1 = warnings, 2 = errors)
+DATA_COMMANDS = {
+    "check": (config.DataCheckOptions, _data("check"),
+              "list every problem of a dataset folder or file, with file:line and a fix"),
+    "stats": (config.DataStatsOptions, _data("stats"),
+              "examples, tokens per example, and the epochs ITERS x BATCH_SIZE gives"),
+    "split": (config.DataSplitOptions, _data("split"),
+              "split a file (or a folder's examples) into train.jsonl and valid.jsonl, seeded"),
+    "merge": (config.DataMergeOptions, _data("merge"),
+              "merge dataset folders: no duplicates, nothing in both train and valid"),
+    "convert": (config.DataWriteOptions, _data("convert"),
+                "write any supported format (ShareGPT, Alpaca, ...) as chat JSONL"),
+}
+
+# name -> (options class, stage function, help); a table instead of a function is a group
 COMMANDS = {
     "train": (config.TrainOptions, _train, "fine-tune a LoRA adapter on DATA_DIR"),
     "fuse": (config.FuseOptions, _fuse, "merge the adapter into the base weights (output/fused)"),
     "test": (config.TestOptions, _test, "answer prompts with the base and the fine-tuned model"),
+    "convert": (config.ConvertOptions, _convert,
+                "fuse + export to GGUF + quantize with llama.cpp (output/gguf)"),
+    "export": (config.ExportOptions, _export, "any supported HF model folder -> GGUF"),
+    "quantize": (config.QuantizeOptions, _quantize, "GGUF (f32/f16/bf16) -> quantized GGUF"),
+    "export-adapter": (config.ExportAdapterOptions, _export_adapter,
+                       "the LoRA adapter as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)"),
     "models": (None, _models, "list the built-in and tested models"),
+    "data": (None, DATA_COMMANDS, "check, inspect, split, merge and convert datasets"),
 }
 
 
@@ -53,9 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                "Precedence: flags > environment > YAML > defaults.")
     parser.add_argument("--version", action="version", version=f"donkeytune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, _fn, help_) in COMMANDS.items():
+    for name, (cls, fn, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        if cls is not None:
+        if isinstance(fn, dict):  # a group: `donkeytune data check DIR`
+            group = p.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+            for sub_name, (sub_cls, _fn, sub_help) in fn.items():
+                add_options(group.add_parser(sub_name, help=sub_help, description=sub_help), sub_cls)
+        elif cls is not None:
             add_options(p, cls)
     return parser
 
@@ -67,8 +126,11 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         meta, tp = f.metadata, types_[f.name]
         env = f" [{meta['env']}]" if meta.get("env") else ""
         help_ = f"{meta['help']} (default: {f.default}){env}"
+        if meta.get("positional") and typing.get_origin(tp) is list:  # several: merge DIR1 DIR2
+            parser.add_argument(f.name, type=str, help=help_, nargs="*", default=argparse.SUPPRESS)
+            continue
         if meta.get("positional"):
-            parser.add_argument(f.name, type=tp, help=help_, nargs="?" if f.default is not None else None)
+            parser.add_argument(f.name, type=tp, help=help_, nargs=None if meta["required"] else "?")
             continue
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
@@ -87,9 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     cls, fn, _help = COMMANDS[command]
+    if isinstance(fn, dict):
+        cls, fn, _help = fn[args.pop("subcommand")]
     try:
         opts = config.resolve(cls, args, config_file=args.pop("config", None)) if cls else None
-        fn(opts)
+        result = fn(opts)
+        if isinstance(result, int):  # a status of its own: data check (1 = warnings)
+            return result
     except DonkeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.status

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .formats import FORMATS
 
 ENV_PREFIX = "DONKEYTUNE_"
 
 
 def opt(default, help: str, *, env: str | None = None, positional: bool = False,
-        choices: tuple | None = None):
+        required: bool = False, choices: tuple | None = None):
     """A stage option: `env` is its Make variable (MODEL, ITERS, ...)."""
     return field(default=default, metadata=dict(help=help, env=env, positional=positional,
-                                                choices=choices))
+                                                required=required, choices=choices))
 
 
 def _base_type(tp):
@@ -43,6 +44,8 @@ def convert(value, tp: type, name: str):
     """Convert a YAML/env value to the field's type, with a message naming the option."""
     if value is None:
         return None
+    if typing.get_origin(tp) is list:  # several values: a list from flags or YAML, "a b" from env
+        return value.split() if isinstance(value, str) else [str(v) for v in value]
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -198,6 +201,125 @@ class TestOptions(ModelOptions):
     data_dir: str | None = opt(None, "where the default prompts come from (default: the run's data)",
                                env="DATA_DIR")
     base: bool = opt(True, "also answer with the base model, for comparison")
+    adapter: bool = opt(False, "run base + adapter in torch instead of the converted GGUF")
+    gguf: str | None = opt(None, "GGUF file to test (default: the quantized GGUF of `convert`)",
+                           env="GGUF")
 
 
-ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions)
+QUANT_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16")
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass
+class ConvertOptions(FuseOptions):
+    quantize: str = opt("Q4_K_M", "llama.cpp quantization of the final GGUF: "
+                        + ", ".join(QUANT_TYPES), env="QUANTIZE")
+    outtype: str = opt("f16", "type of the intermediate GGUF (kept next to the quantized one)",
+                       env="OUTTYPE", choices=OUT_TYPES)
+
+    @property
+    def gguf_dir(self) -> Path:
+        return Path(self.output_dir) / "gguf"
+
+    def __post_init__(self):
+        self.quantize = self.quantize.upper()
+        _check(self.quantize in QUANT_TYPES, f"unknown quantization type {self.quantize!r}",
+               "use one of: " + ", ".join(QUANT_TYPES))
+
+
+@dataclass
+class ExportOptions:
+    hf_dir: str = opt(None, "Hugging Face model folder (config.json + safetensors)",
+                      positional=True, required=True)
+    out: str = opt(None, "GGUF file to write", positional=True, required=True)
+    outtype: str = opt("f16", "tensor type of the GGUF", env="OUTTYPE", choices=OUT_TYPES)
+
+
+@dataclass
+class QuantizeOptions:
+    input: str = opt(None, "GGUF file in f32, f16 or bf16", positional=True, required=True)
+    output: str = opt(None, "quantized GGUF file to write", positional=True, required=True)
+    type: str = opt("Q4_K_M", "llama.cpp quantization type: " + ", ".join(QUANT_TYPES),
+                    env="QUANTIZE")
+
+
+@dataclass
+class ExportAdapterOptions:
+    adapter_dir: str = opt("output/adapters", "trained adapter folder", positional=True)
+    out: str = opt(None, "GGUF adapter file to write (default: output/gguf/<model>-adapter.gguf)",
+                   positional=True)
+    model: str | None = opt(None, "base model (default: the adapter's own)", env="MODEL")
+    trust_remote_code: bool = opt(False, "allow models whose code lives in their own repo")
+
+
+@dataclass
+class DataOptions:
+    """What every `donkeytune data` command reads."""
+
+    path: str = opt("data", "dataset folder (train + valid .jsonl/.json) or one file",
+                    env="DATA_DIR", positional=True)
+    format: str | None = opt(None, "read every record as this format instead of detecting it",
+                             choices=FORMATS)
+
+
+@dataclass
+class DataTokenOptions(DataOptions):
+    model: str = opt("smollm2-135m", "model whose tokenizer counts tokens (the tokenizer only "
+                     "is loaded)", env="MODEL")
+    tokenizer: bool = opt(True, "count tokens with the model's tokenizer (--no-tokenizer: skip)")
+    max_seq_length: int = opt(TrainOptions.max_seq_length, "examples longer than this many tokens "
+                              "are truncated in training", env="MAX_SEQ_LENGTH")
+    trust_remote_code: bool = opt(False, "allow tokenizers whose code lives in their own repo")
+    json: bool = opt(False, "print the result as JSON, for machines")
+
+
+@dataclass
+class DataCheckOptions(DataTokenOptions):
+    min_answer_chars: int = opt(3, "assistant answers shorter than this many characters are "
+                                "reported as very short")
+
+
+@dataclass
+class DataStatsOptions(DataTokenOptions):
+    iters: int = opt(TrainOptions.iters, "optimizer steps the training will run", env="ITERS")
+    batch_size: int = opt(TrainOptions.batch_size, "examples per optimizer step", env="BATCH_SIZE")
+
+    def __post_init__(self):
+        _check(self.iters > 0 and self.batch_size > 0, "ITERS and BATCH_SIZE must be positive")
+
+
+@dataclass
+class DataWriteOptions(DataOptions):
+    out: str = opt("data", "folder to write train.jsonl and valid.jsonl into", env="DATA_DIR")
+    force: bool = opt(False, "overwrite data files that are already there", env="FORCE")
+
+
+@dataclass
+class DataSplitOptions(DataWriteOptions):
+    valid_fraction: float = opt(0.2, "share of the examples that go to valid.jsonl")
+    seed: int = opt(0, "random seed of the split", env="SEED")
+
+    def __post_init__(self):
+        _check(0 < self.valid_fraction < 1,
+               f"valid_fraction must be between 0 and 1, got {self.valid_fraction}", "use 0.2 for 80/20")
+
+
+@dataclass
+class DataMergeOptions:
+    inputs: list[str] | None = opt(None, "dataset folders to merge, in order", env="INPUTS",
+                                   positional=True)
+    out: str = opt("data", "folder for the merged train.jsonl, valid.jsonl and provenance.json",
+                   env="DATA_DIR")
+    format: str | None = opt(None, "read every record as this format instead of detecting it",
+                             choices=FORMATS)
+    force: bool = opt(False, "overwrite data files that are already there (not from a merge)",
+                      env="FORCE")
+
+    def __post_init__(self):
+        _check(bool(self.inputs), "no dataset folders to merge",
+               'give them: donkeytune data merge DIR1 DIR2, or make merge-data INPUTS="DIR1 DIR2"')
+
+
+ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions, ConvertOptions, ExportOptions,
+               QuantizeOptions, ExportAdapterOptions, DataCheckOptions, DataStatsOptions,
+               DataSplitOptions, DataWriteOptions, DataMergeOptions)

@@ -44,6 +44,7 @@ class Problem:
     line: int | None
     message: str
     fix: str = ""
+    kind: str = "invalid"  # what sort of problem: invalid (record), empty-file, duplicate, ...
 
     @property
     def where(self) -> str:
@@ -148,11 +149,12 @@ def read_file(path: Path, fmt: str | None = None, limit: int | None = None) -> F
     try:
         raw = path.read_bytes()
     except OSError as e:
-        out.problems.append(Problem("error", str(path), None, f"cannot read the file ({e.strerror})"))
+        out.problems.append(Problem("error", str(path), None, f"cannot read the file ({e.strerror})",
+                                    kind="unreadable"))
         return out
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():
         out.problems.append(Problem("error", str(path), None, "the file is empty",
-                                    "add one JSON object per line"))
+                                    "add one JSON object per line", "empty-file"))
         return out
     records = list(_records(raw, path.suffix.lower() == ".json"))
     detected = [fmt or formats.detect(obj) for _, obj in records]

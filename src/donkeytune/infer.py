@@ -1,10 +1,16 @@
-"""Generation with the base model and the base model + adapter (torch), side by side."""
+"""Answering prompts with the base and the fine-tuned model, side by side.
+
+After `convert`, the quantized GGUF runs in llama.cpp with its own chat template and stop
+tokens: what a user of llama.cpp, Ollama or LM Studio will see. Before it (or with
+--adapter), the base model + adapter run in torch.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from . import data, device, runinfo
+from . import data, device, models, runinfo
 from .config import TestOptions
 from .errors import ConfigError
 from .progress import say, status
@@ -28,9 +34,6 @@ def default_prompts(data_dir: str | None, n: int) -> list[dict]:
 
 def run(opts: TestOptions) -> list[dict]:
     """Answer the prompts with base and fine-tuned model; returns one dict per prompt."""
-    import torch  # noqa: PLC0415
-    from peft import PeftModel  # noqa: PLC0415
-
     run_info = runinfo.read_run(opts.adapter_dir)
     base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
     prompts = ([{"question": opts.prompt, "keyword": None}] if opts.prompt
@@ -38,25 +41,97 @@ def run(opts: TestOptions) -> list[dict]:
     if not prompts:
         raise ConfigError("no prompts to test with", 'pass PROMPT="..." (make test-prompt)')
     system = run_info.get("system_prompt")
+    gguf_file = None if opts.adapter else _converted_gguf(opts)
+    if gguf_file:
+        answer_tuned, answer_base = _gguf_answerers(gguf_file, base_dir, opts)
+    else:
+        answer_tuned, answer_base = _torch_answerers(base_dir, run_info, opts)
+    results = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": p["question"]}]
+        row = {"question": p["question"], "keyword": p["keyword"]}
+        row["finetuned"] = answer_tuned(messages)
+        if opts.base:
+            row["base"] = answer_base(messages)
+        results.append(row)
+        show(row)
+    summarize(results)
+    return results
+
+
+# ---------------------------------------------------------------- llama.cpp (GGUF)
+
+def _converted_gguf(opts: TestOptions) -> Path | None:
+    if opts.gguf:
+        return Path(opts.gguf)
+    meta = Path(opts.output_dir) / "gguf" / runinfo.RUN_FILE
+    if not meta.is_file():
+        return None
+    path = meta.parent / json.loads(meta.read_text())["quantized"]
+    return path if path.is_file() else None
+
+
+def base_gguf(base_dir: Path, qtype: str) -> Path:
+    """The base model exported and quantized like the fine-tuned one, cached."""
+    from . import gguf, quantize  # noqa: PLC0415
+
+    target = models.cache_dir() / "gguf" / f"{runinfo.model_fingerprint(base_dir)}-{qtype}.gguf"
+    if not target.is_file():
+        full = target.with_name(target.stem + "-f16.gguf")
+        with status(f"Exporting the base model to GGUF for comparison ({target})"):
+            gguf.export(base_dir, full, "f16")
+            quantize.quantize(full, target, qtype)
+            full.unlink()
+    return target
+
+
+def _gguf_type(path: Path) -> str:
+    """The quantization type in a GGUF file's name (…-Q4_K_M.gguf), F16 when unknown."""
+    from .config import QUANT_TYPES  # noqa: PLC0415
+
+    stem = path.stem.upper()
+    return next((q for q in QUANT_TYPES if stem.endswith(q)), "F16")
+
+
+def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
+    from .gguf.runtime import load_llama  # noqa: PLC0415
+
+    say(f"Testing the GGUF {gguf_file} in llama.cpp (its own chat template and stop tokens)")
+    tuned = load_llama(gguf_file, n_ctx=2048)
+    base = load_llama(base_gguf(base_dir, _gguf_type(gguf_file)), n_ctx=2048) if opts.base else None
+
+    def answer(llm):
+        return lambda messages: chat_gguf(llm, messages, opts.max_tokens)
+
+    return answer(tuned), (answer(base) if base else None)
+
+
+def chat_gguf(llm, messages, max_tokens: int) -> str:
+    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+    return (out["choices"][0]["message"]["content"] or "").strip()
+
+
+# ---------------------------------------------------------------- torch (base + adapter)
+
+def _torch_answerers(base_dir: Path, run_info: dict, opts: TestOptions):
+    from peft import PeftModel  # noqa: PLC0415
+
     dev = device.pick_device("auto")
     tok = device.load_tokenizer(base_dir, trust_remote_code=opts.trust_remote_code)
     with status(f"Loading {run_info['base_model']} with the adapter from {opts.adapter_dir}"):
         base = device.load_model(base_dir, dev, device.pick_dtype("auto", dev),
                                  trust_remote_code=opts.trust_remote_code)
         model = PeftModel.from_pretrained(base, opts.adapter_dir).eval()
-    results = []
-    for p in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": p["question"]}]
-        row = {"question": p["question"], "keyword": p["keyword"]}
-        row["finetuned"] = generate(model, tok, messages, opts.max_tokens, dev)
-        if opts.base:
-            with model.disable_adapter():
-                row["base"] = generate(model, tok, messages, opts.max_tokens, dev)
-        results.append(row)
-        show(row)
-    summarize(results)
-    return results
+
+    def tuned(messages):
+        return generate(model, tok, messages, opts.max_tokens, dev)
+
+    def plain(messages):
+        with model.disable_adapter():
+            return generate(model, tok, messages, opts.max_tokens, dev)
+
+    return tuned, plain
 
 
 def generate(model, tok, messages, max_tokens: int, dev: str) -> str:
@@ -70,6 +145,8 @@ def generate(model, tok, messages, max_tokens: int, dev: str) -> str:
                              pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
+
+# ---------------------------------------------------------------- output
 
 def hit(answer: str, keyword) -> bool | None:
     return None if not keyword else keyword.lower() in answer.lower()

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError, ModelError
+from .progress import say
 
 # llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
 QTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32}
@@ -33,17 +37,41 @@ def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int 
     params.nthread = threads or os.cpu_count() or 1
     tmp = out_gguf.with_name(out_gguf.name + ".partial")
     out_gguf.parent.mkdir(parents=True, exist_ok=True)
+    log = None
     try:
-        rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(),
-                                            ctypes.byref(params))
+        with _c_stderr_captured() as log:
+            rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(),
+                                                ctypes.byref(params))
         if rc != 0:
-            raise ModelError(f"llama.cpp failed to quantize {in_gguf} to {qtype} (status {rc})",
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise ModelError(f"llama.cpp failed to quantize {in_gguf} to {qtype} (status {rc}):\n{tail}",
                              "check the file loads in llama.cpp; disk space in "
                              f"{out_gguf.parent}")
+        fallbacks = log.read_text(errors="replace").count("falling back to")
         os.replace(tmp, out_gguf)
     finally:
         tmp.unlink(missing_ok=True)
+        if log:
+            log.unlink(missing_ok=True)
+    if fallbacks:
+        say(f"  {fallbacks} tensors have rows that are not a multiple of 256 and use Q5_0/Q8_0 "
+            f"instead of a K-quant (expected for this model's width)")
     return out_gguf
+
+
+@contextmanager
+def _c_stderr_captured():
+    """llama.cpp logs every tensor to the C stderr: keep that in a file, not on the screen."""
+    fd, name = tempfile.mkstemp(prefix="donkeytune-quantize-", suffix=".log")
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    try:
+        yield Path(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
 
 
 def _check_source(path: Path) -> None:

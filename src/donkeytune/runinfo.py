@@ -37,6 +37,17 @@ def model_fingerprint(folder: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_fingerprint(path: Path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
 

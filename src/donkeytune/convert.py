@@ -1,0 +1,96 @@
+"""The convert stage: fuse (when needed) -> GGUF export -> llama.cpp quantization.
+
+Writes output/gguf/<model>-finetuned-f16.gguf and output/gguf/<model>-finetuned-<QUANT>.gguf,
+as the seed did. The f16 file is kept: re-quantizing to another type starts from it, and a
+quantized file cannot be quantized again without losing quality.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from . import runinfo
+from .config import ConvertOptions, ExportAdapterOptions, ExportOptions, QuantizeOptions
+from .progress import say, status
+
+
+def model_name(reference: str) -> str:
+    """A file-name-friendly name of a model reference: alias, repo name or folder name."""
+    name = Path(reference.rstrip("/")).name
+    name = name.removesuffix(".gguf")
+    return re.sub(r"[^\w.-]+", "-", name) or "model"
+
+
+def gguf_paths(opts: ConvertOptions, run: dict) -> tuple[Path, Path]:
+    stem = f"{model_name(run['base_model'])}-finetuned"
+    return opts.gguf_dir / f"{stem}-{opts.outtype}.gguf", opts.gguf_dir / f"{stem}-{opts.quantize}.gguf"
+
+
+def run(opts: ConvertOptions) -> Path:
+    """Fuse + export + quantize the trained adapter; returns the quantized GGUF."""
+    from . import fuse, gguf, quantize  # noqa: PLC0415
+
+    run_info = runinfo.read_run(opts.adapter_dir)
+    full, quant = gguf_paths(opts, run_info)
+    if not _fused_is_current(opts):
+        fuse.run(opts)
+    timings = []
+    t = time.perf_counter()
+    with status(f"Exporting {opts.fused_dir} to {full.name}"):
+        gguf.export(opts.fused_dir, full, opts.outtype)
+    timings.append((full, time.perf_counter() - t))
+    t = time.perf_counter()
+    with status(f"Quantizing to {opts.quantize} with llama.cpp"):
+        quantize.quantize(full, quant, opts.quantize)
+    timings.append((quant, time.perf_counter() - t))
+    runinfo.write_json(opts.gguf_dir / runinfo.RUN_FILE, runinfo.run_record(
+        "convert", opts, base_model=run_info["base_model"], base_model_path=run_info["base_model_path"],
+        base_fingerprint=run_info["base_fingerprint"], full=full.name, quantized=quant.name,
+        system_prompt=run_info.get("system_prompt"), data_dir=run_info.get("data_dir")))
+    for path, seconds in timings:
+        say(f"  {path}  {path.stat().st_size / 1e6:.1f} MB  ({seconds:.1f}s)")
+    return quant
+
+
+def _fused_is_current(opts: ConvertOptions) -> bool:
+    """The fused folder was made from the adapter as it is now."""
+    fused_run = opts.fused_dir / runinfo.RUN_FILE
+    if not fused_run.is_file():
+        return False
+    recorded = json.loads(fused_run.read_text()).get("adapter_fingerprint")
+    return recorded == runinfo.file_fingerprint(opts.adapter_dir / "adapter_model.safetensors")
+
+
+def run_export(opts: ExportOptions) -> Path:
+    from . import gguf  # noqa: PLC0415
+
+    with status(f"Exporting {opts.hf_dir} to {opts.out} ({opts.outtype})"):
+        out = gguf.export(Path(opts.hf_dir), Path(opts.out), opts.outtype)
+    say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")
+    return out
+
+
+def run_quantize(opts: QuantizeOptions) -> Path:
+    from . import quantize  # noqa: PLC0415
+
+    with status(f"Quantizing {opts.input} to {opts.type}"):
+        out = quantize.quantize(Path(opts.input), Path(opts.output), opts.type)
+    say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")
+    return out
+
+
+def run_export_adapter(opts: ExportAdapterOptions) -> Path:
+    """The LoRA adapter as a GGUF adapter, for llama.cpp --lora and Ollama's ADAPTER."""
+    from . import gguf  # noqa: PLC0415
+
+    adapter_dir = Path(opts.adapter_dir)
+    run_info = runinfo.read_run(adapter_dir)
+    base = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
+    out = Path(opts.out or adapter_dir.parent / "gguf" / f"{model_name(run_info['base_model'])}-adapter.gguf")
+    with status(f"Exporting the adapter {adapter_dir} to {out}"):
+        gguf.export_adapter(adapter_dir, base, out)
+    say(f"  {out}  {out.stat().st_size / 1e6:.2f} MB  (base model: {run_info['base_model']})")
+    return out
