@@ -58,7 +58,8 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
     name = tiny_model("llama").name
     gguf_dir = out / "gguf"
     assert {p.name for p in gguf_dir.iterdir()} == {
-        f"{name}-finetuned-f16.gguf", f"{name}-finetuned-Q8_0.gguf", "donkeytune.json"}
+        f"{name}-finetuned-f16.gguf", f"{name}-finetuned-Q8_0.gguf", "donkeytune.json", "Modelfile"}
+    assert f"ollama create {name}-finetuned -f {gguf_dir / 'Modelfile'}" in p.stderr
 
     # after convert, `test` runs the quantized GGUF in llama.cpp, beside the base model's GGUF
     p = run("test", "--output-dir", str(out), "--max-tokens", "4", "--num-prompts", "1")

@@ -88,3 +88,16 @@ def test_models_command_lists_the_table(capsys):
     for alias in ("smollm2-135m", "gemma-3-270m-it", "qwen2.5-0.5b", "qwen2.5-coder-1.5b",
                   "smollm3-3b", "llama-3.2-1b"):
         assert alias in out
+
+
+def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), d)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        models.resolve(str(d))
+    assert models.resolve(str(d), allow_pickle=True) == d

@@ -54,6 +54,18 @@ def _export_adapter(opts):
     return convert.run_export_adapter(opts)
 
 
+def _chat(opts):
+    from . import chat  # noqa: PLC0415
+
+    return chat.run(opts)
+
+
+def _serve(opts):
+    from . import serve  # noqa: PLC0415
+
+    return serve.run(opts)
+
+
 def _models(_opts):
     from . import report  # noqa: PLC0415
 
@@ -94,6 +106,9 @@ COMMANDS = {
     "quantize": (config.QuantizeOptions, _quantize, "GGUF (f32/f16/bf16) -> quantized GGUF"),
     "export-adapter": (config.ExportAdapterOptions, _export_adapter,
                        "the LoRA adapter as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)"),
+    "chat": (config.ChatOptions, _chat, "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
+    "serve": (config.ServeOptions, _serve,
+              "OpenAI-compatible HTTP server for the GGUF (/v1/models, /v1/chat/completions)"),
     "models": (None, _models, "list the built-in and tested models"),
     "data": (None, DATA_COMMANDS, "check, inspect, split, merge and convert datasets"),
 }

@@ -124,6 +124,7 @@ class ModelOptions:
                             "base model, or smollm2-135m", env="MODEL")
     trust_remote_code: bool = opt(False, "allow models whose code lives in their own repo "
                                   "(runs that code on this machine)")
+    allow_pickle: bool = opt(False, "accept pickle weights (.bin), which can run code when loaded")
     output_dir: str = opt("output", "folder for adapters/, fused/ and gguf/", env="OUTPUT_DIR")
 
     @property
@@ -154,8 +155,11 @@ class TrainOptions(ModelOptions):
     steps_per_eval: int = opt(50, "validation every N steps (and at the start and the end)")
     val_batches: int = opt(25, "validation batches per evaluation (-1 = the whole split)")
     save_every: int = opt(100, "checkpoint every N steps", env="SAVE_EVERY")
-    resume_from: str | None = opt(None, "start from this adapter (file or folder)",
-                                  env="RESUME_FROM")
+    resume_from: str | None = opt(None, "start from this adapter's weights (file or folder): "
+                                  "a new run with fresh optimizer", env="RESUME_FROM")
+    resume: bool = opt(False, "continue the interrupted run in --output-dir exactly (its options, "
+                       "optimizer, data position and random state)", env="RESUME")
+    keep: int = opt(5, "checkpoints kept (older ones are removed); -1 = all", env="KEEP")
     seed: int = opt(0, "random seed (data order, dropout, LoRA init)", env="SEED")
     device: str = opt("auto", "auto, cpu, cuda or mps", env="DEVICE",
                       choices=("auto", "cpu", "cuda", "mps"))
@@ -176,6 +180,9 @@ class TrainOptions(ModelOptions):
         _check(self.max_seq_length >= 16, f"max_seq_length must be at least 16, got {self.max_seq_length}")
         for name in ("steps_per_report", "steps_per_eval", "save_every"):
             _check(getattr(self, name) > 0, f"{name} must be positive")
+        _check(not (self.resume and self.resume_from),
+               "--resume continues an interrupted run; RESUME_FROM starts a new run from an "
+               "adapter: give one of them")
         if self.alpha is not None:
             _check(self.alpha > 0, f"alpha must be positive, got {self.alpha}")
             self.scale = self.alpha / self.rank
@@ -258,8 +265,8 @@ class DataOptions:
 
     path: str = opt("data", "dataset folder (train + valid .jsonl/.json) or one file",
                     env="DATA_DIR", positional=True)
-    format: str | None = opt(None, "read every record as this format instead of detecting it",
-                             choices=FORMATS)
+    format: str | None = opt(None, "read every record as this format instead of detecting it: "
+                             + ", ".join(FORMATS), choices=FORMATS)
 
 
 @dataclass
@@ -290,7 +297,8 @@ class DataStatsOptions(DataTokenOptions):
 
 @dataclass
 class DataWriteOptions(DataOptions):
-    out: str = opt("data", "folder to write train.jsonl and valid.jsonl into", env="DATA_DIR")
+    out: str = opt("data", "folder to write train.jsonl and valid.jsonl into (a converted file "
+                   "keeps its name, as .jsonl)", env="DATA_DIR")
     force: bool = opt(False, "overwrite data files that are already there", env="FORCE")
 
 
@@ -310,8 +318,8 @@ class DataMergeOptions:
                                    positional=True)
     out: str = opt("data", "folder for the merged train.jsonl, valid.jsonl and provenance.json",
                    env="DATA_DIR")
-    format: str | None = opt(None, "read every record as this format instead of detecting it",
-                             choices=FORMATS)
+    format: str | None = opt(None, "read every record as this format instead of detecting it: "
+                             + ", ".join(FORMATS), choices=FORMATS)
     force: bool = opt(False, "overwrite data files that are already there (not from a merge)",
                       env="FORCE")
 
@@ -320,6 +328,43 @@ class DataMergeOptions:
                'give them: donkeytune data merge DIR1 DIR2, or make merge-data INPUTS="DIR1 DIR2"')
 
 
+@dataclass
+class RunGGUFOptions:
+    """What `chat` and `serve` run: a GGUF, by default the quantized one of `convert`."""
+
+    gguf: str | None = opt(None, "GGUF file (default: the quantized GGUF of `convert` in "
+                           "OUTPUT_DIR/gguf)", env="GGUF")
+    output_dir: str = opt("output", "folder whose gguf/ holds the converted model", env="OUTPUT_DIR")
+    system: str | None = opt(None, "system prompt (default: the training data's; \"\" for none)",
+                             env="SYSTEM")
+    n_ctx: int = opt(2048, "context window in tokens", env="N_CTX")
+
+    def __post_init__(self):
+        _check(self.n_ctx >= 64, f"n_ctx must be at least 64, got {self.n_ctx}")
+
+
+@dataclass
+class ChatOptions(RunGGUFOptions):
+    max_tokens: int = opt(512, "maximum tokens per answer", env="MAX_TOKENS")
+    temperature: float = opt(0.7, "sampling temperature (0 = always the most likely token)",
+                             env="TEMPERATURE")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.max_tokens > 0, f"MAX_TOKENS must be positive, got {self.max_tokens}")
+        _check(self.temperature >= 0, f"temperature must not be negative, got {self.temperature}")
+
+
+@dataclass
+class ServeOptions(RunGGUFOptions):
+    host: str = opt("127.0.0.1", "address to listen on (only this machine by default)", env="HOST")
+    port: int = opt(8000, "TCP port", env="PORT")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 < self.port < 65536, f"port must be between 1 and 65535, got {self.port}")
+
+
 ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions, ConvertOptions, ExportOptions,
                QuantizeOptions, ExportAdapterOptions, DataCheckOptions, DataStatsOptions,
-               DataSplitOptions, DataWriteOptions, DataMergeOptions)
+               DataSplitOptions, DataWriteOptions, DataMergeOptions, ChatOptions, ServeOptions)

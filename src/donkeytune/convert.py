@@ -50,8 +50,12 @@ def run(opts: ConvertOptions) -> Path:
         "convert", opts, base_model=run_info["base_model"], base_model_path=run_info["base_model_path"],
         base_fingerprint=run_info["base_fingerprint"], full=full.name, quantized=quant.name,
         system_prompt=run_info.get("system_prompt"), data_dir=run_info.get("data_dir")))
+    from . import ollama  # noqa: PLC0415
+
+    modelfile = ollama.write_modelfile(quant, opts.fused_dir, run_info.get("system_prompt"))
     for path, seconds in timings:
         say(f"  {path}  {path.stat().st_size / 1e6:.1f} MB  ({seconds:.1f}s)")
+    say(f"  Ollama: {ollama.create_command(modelfile, quant.stem.removesuffix('-' + opts.quantize))}")
     return quant
 
 

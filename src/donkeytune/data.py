@@ -157,6 +157,9 @@ def read_file(path: Path, fmt: str | None = None, limit: int | None = None) -> F
                                     "add one JSON object per line", "empty-file"))
         return out
     records = list(_records(raw, path.suffix.lower() == ".json"))
+    if not records:
+        out.problems.append(Problem("error", str(path), None, "the JSON array is empty",
+                                    "put the examples in it: [{...}, {...}]", "empty-file"))
     detected = [fmt or formats.detect(obj) for _, obj in records]
     counts = Counter(f for f in detected if f)
     main = fmt or (counts.most_common(1)[0][0] if counts else "chat")
@@ -243,7 +246,8 @@ def _array_records(body: bytes):
                                            "(the rest of the array is not read)")
                 return
             except RecursionError:
-                yield start, ValueError("invalid JSON: nested too deeply (the rest of the array is not read)")
+                yield start, ValueError("invalid JSON: nested too deeply "
+                                        "(the rest of the array is not read)")
                 return
             yield start, obj
             pos = _skip_ws(text, pos)
@@ -372,8 +376,10 @@ def count_tokens(tokenizer, examples: list[Example], chunk: int = 2048) -> list[
     counts = []
     for i in range(0, len(examples), chunk):
         part = examples[i:i + chunk]
-        texts = [ex.messages[-1]["content"] if ex.plain else render(tokenizer, ex.messages) for ex in part]
-        for ex, text, ids in zip(part, texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        texts = [ex.messages[-1]["content"] if ex.plain else render(tokenizer, ex.messages)
+                 for ex in part]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for ex, text, ids in zip(part, texts, encoded):
             if ex.plain:  # tokenize adds the special tokens, then EOS unless it is there
                 ids = tokenizer(text, add_special_tokens=True)["input_ids"] if extra else ids
                 counts.append(len(ids) + (eos is not None and ids[-1:] != [eos]))

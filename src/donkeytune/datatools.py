@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, data
-from .config import DataCheckOptions, DataMergeOptions, DataSplitOptions, DataStatsOptions, DataWriteOptions
+from .config import (DataCheckOptions, DataMergeOptions, DataSplitOptions, DataStatsOptions,
+                     DataWriteOptions)
 from .data import Example, Problem
 from .errors import DataError
 from .progress import say, warn
@@ -50,8 +51,9 @@ FIXES = {
 
 # ---------------------------------------------------------------- reading
 
-def read_splits(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list[Example]], list[Problem]]:
-    """Examples per split of a dataset folder (train, valid), or of one file (its name as the split).
+def read_splits(path: str | Path, fmt: str | None = None):
+    """({split: examples}, problems) of a dataset folder (train, valid), or of one file (its name
+    as the split).
 
     Never raises on bad data: every problem comes back, located.
     """
@@ -61,18 +63,20 @@ def read_splits(path: str | Path, fmt: str | None = None) -> tuple[dict[str, lis
         return {path.name: got.examples}, got.problems
     if not path.is_dir():
         return {}, [Problem("error", str(path), None, "no such file or folder",
-                            "give a dataset folder (train.jsonl + valid.jsonl) or one file", "missing-file")]
+                            "give a dataset folder (train.jsonl + valid.jsonl) or one file",
+                            "missing-file")]
     splits, problems = {}, []
     for split in SPLITS:
         try:
             found = data.split_file(path, split)
         except DataError as e:
-            problems.append(Problem("error", str(e.path), None, e.message.split(": ", 1)[-1], e.fix or ""))
+            message = e.message.removeprefix(f"{e.path}: ")
+            problems.append(Problem("error", str(e.path), None, message, e.fix or ""))
             continue
         if found is None:
             if split == "train":
-                problems.append(Problem("error", str(path / "train.jsonl"), None, "train.jsonl not found",
-                                        FIXES["missing-file"], "missing-file"))
+                problems.append(Problem("error", str(path / "train.jsonl"), None,
+                                        "train.jsonl not found", FIXES["missing-file"], "missing-file"))
             continue
         got = data.read_file(found, fmt)
         splits[split] = got.examples
@@ -148,10 +152,11 @@ def system_prompt_warnings(examples: list[Example]) -> list[Problem]:
     for prompt, n in count.items():
         if prompt == common:
             continue
-        this = "have no system prompt" if prompt is None else f"use the system prompt {_quote(prompt)}"
+        one = n == 1
+        this = (f"{'has' if one else 'have'} no system prompt" if prompt is None else
+                f"{'uses' if one else 'use'} the system prompt {_quote(prompt)}")
         most = "none" if common is None else _quote(common)
-        this = this.replace("have", "has").replace("use ", "uses ") if n == 1 else this
-        out.append(_warn(first[prompt], "system-prompt", f"{n} example{'s' * (n > 1)} {this}; "
+        out.append(_warn(first[prompt], "system-prompt", f"{n} example{'s' * (not one)} {this}; "
                          f"{n_common} use {most} (this is the first)"))
     return out
 
@@ -203,8 +208,10 @@ def length_warnings(tokenizer, examples: list[Example], max_len: int) -> list[Pr
     """Examples longer than max_len tokens: how many tokens are cut, and how many of the answers'."""
     limit = min(max_len, getattr(tokenizer, "model_max_length", max_len) or max_len)
     out, per_file = [], Counter()
-    lengths = data.count_tokens(tokenizer, examples)
-    for ex, n in zip(examples, lengths):
+    # A token stands for at least one byte of text (+ BOS/EOS): shorter texts need no tokenizing.
+    extra = len(tokenizer("", add_special_tokens=True)["input_ids"]) + 2
+    maybe = [ex for ex in examples if len(_text(tokenizer, ex).encode()) + extra > limit]
+    for ex, n in zip(maybe, data.count_tokens(tokenizer, maybe)):
         if n <= limit:
             continue
         t = data.tokenize(tokenizer, ex.messages, plain=ex.plain)
@@ -221,6 +228,10 @@ def length_warnings(tokenizer, examples: list[Example], max_len: int) -> list[Pr
         out.append(Problem("warning", path, None, f"{n} examples longer than {limit} tokens; "
                            f"{lost} tokens lost in all", FIXES["too-long"], "too-long"))
     return out
+
+
+def _text(tokenizer, ex: Example) -> str:
+    return ex.messages[-1]["content"] if ex.plain else data.render(tokenizer, ex.messages)
 
 
 def exact_key(ex: Example) -> str:
@@ -249,7 +260,8 @@ def exit_status(problems: list[Problem]) -> int:
     return 1 if problems else 0
 
 
-def print_problems(problems: list[Problem], counts: dict[str, int], skipped: list[str], out=None) -> None:
+def print_problems(problems: list[Problem], counts: dict[str, int], skipped: list[str],
+                   out=None) -> None:
     """Human output: problems grouped by kind (at most SHOWN_PER_KIND each), each group with its fix."""
     out = out or sys.stdout
     groups: dict[tuple, list[Problem]] = {}
@@ -269,8 +281,8 @@ def print_problems(problems: list[Problem], counts: dict[str, int], skipped: lis
     examples = ", ".join(f"{n} {name}" for name, n in counts.items()) or "no"
     warnings = len(problems) - errors
     verdict = ", ".join(([f"{errors} error{'s' * (errors != 1)}"] if errors else [])
-                        + ([f"{warnings} warning{'s' * (warnings != 1)}"] if warnings else [])) or "no problems"
-    print(f"data check: {verdict} ({examples} examples)", file=out)
+                        + ([f"{warnings} warning{'s' * (warnings != 1)}"] if warnings else []))
+    print(f"data check: {verdict or 'no problems'} ({examples} examples)", file=out)
 
 
 def _warn(ex: Example, kind: str, message: str) -> Problem:
@@ -335,12 +347,13 @@ def histogram(values: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
 
 
 def recommended_epochs(n: int) -> float:
-    """The seed's table, interpolated on a log-log scale (and extended past its ends)."""
+    """The seed's table, interpolated on a log-log scale, extended past its ends, kept in the
+    2-30 epochs that raise no warning."""
     points = SEED_EPOCHS
     for (n0, e0), (n1, e1) in zip(points, points[1:]):
         if n <= n1 or (n1, e1) == points[-1]:
             slope = math.log(e1 / e0) / math.log(n1 / n0)
-            return e0 * (max(n, 1) / n0) ** slope
+            return min(30.0, max(2.0, e0 * (max(n, 1) / n0) ** slope))
     return points[-1][1]
 
 
@@ -352,7 +365,7 @@ def epoch_advice(n_train: int, iters: int, batch_size: int) -> dict:
         warnings.append(f"{epochs:.0f} epochs is a lot: the model may memorise the examples; "
                         f"lower ITERS (about {recommended})")
     elif epochs < 2:
-        warnings.append(f"{epochs:.1f} epochs: the model sees each example less than twice; "
+        warnings.append(f"{epochs:.2g} epochs: the model sees each example less than twice; "
                         f"raise ITERS (about {recommended})")
     return {"iters": iters, "batch_size": batch_size, "epochs": round(epochs, 2),
             "recommended_iters": recommended, "warnings": warnings}
@@ -436,12 +449,12 @@ def merge(opts: DataMergeOptions) -> list[Path]:
                           reading=[p for d, _ in inputs for p in _sources(d)],
                           provenance={"made_by": f"donkeytune {__version__} data merge",
                                       "inputs": [str(d) for d in opts.inputs],
-                                      "removed": removed,
+                                      "removed": {k: list(map(origin, v)) for k, v in removed.items()},
                                       "train": [origin(ex.where) for ex in train],
                                       "valid": [origin(ex.where) for ex in valid]})
-    say(f"merged {len(opts.inputs)} folder{'s' * (len(opts.inputs) != 1)}: {len(train)} train, {len(valid)} valid "
-        f"({len(removed['duplicates'])} duplicates and {len(removed['leaks'])} valid examples "
-        f"also in train left out) -> {opts.out}")
+    say(f"merged {len(opts.inputs)} folder{'s' * (len(opts.inputs) != 1)}: {len(train)} train, "
+        f"{len(valid)} valid ({len(removed['duplicates'])} duplicates and "
+        f"{len(removed['leaks'])} valid examples also in train left out) -> {opts.out}")
     return paths
 
 
@@ -506,8 +519,8 @@ def _refuse_overwrite(targets: list[Path], force: bool, reading: list[Path]) -> 
     there = [t for t in targets if t.exists()]
     if there and not force:
         raise DataError(there[0], None, "already exists" + (" (it is one of the inputs)"
-                        if any(t.resolve() in {r.resolve() for r in reading} for t in there) else ""),
-                        "pass --force (FORCE=1) to replace it, or write elsewhere with --out (DATA_DIR=)")
+                        if {t.resolve() for t in there} & {r.resolve() for r in reading} else ""),
+                        "pass --force (FORCE=1) to replace it, or write elsewhere: --out (DATA_DIR=)")
 
 
 def _provenance(folder: Path) -> dict[str, str]:

@@ -17,7 +17,8 @@ KEYS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instr
 SHAPES = {
     "chat": '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}',
     "sharegpt": '{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}',
-    "alpaca": '{"instruction": "...", "input": "..." (optional), "output": "...", "system": "..." (optional)}',
+    "alpaca": '{"instruction": "...", "input": "...", "output": "...", "system": "..."} '
+              "(input and system optional)",
     "completion": '{"prompt": "...", "completion": "..."}',
     "text": '{"text": "..."} (plain text, trained on every token)',
 }
@@ -61,7 +62,8 @@ def to_messages(obj, fmt: str) -> tuple[list[dict], bool]:
         raise ValueError('"input" must be a string')
     if extra and extra.strip():
         user += "\n\n" + extra
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(obj, "output")}]
+    messages = [{"role": "user", "content": user},
+                {"role": "assistant", "content": _text(obj, "output")}]
     if obj.get("system") is not None:
         messages.insert(0, {"role": "system", "content": _text(obj, "system")})
     return messages, False

@@ -17,7 +17,8 @@ def run(opts: FuseOptions) -> Path:
     from peft import PeftModel  # noqa: PLC0415
 
     run_info = runinfo.read_run(opts.adapter_dir)
-    base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
+    base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
+                                     allow_pickle=opts.allow_pickle)
     out = opts.fused_dir
     with status(f"Fusing {opts.adapter_dir} into {run_info['base_model']}"):
         # Merge in float32: a small LoRA delta added to bf16 weights would be rounded away.

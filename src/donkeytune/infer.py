@@ -25,8 +25,8 @@ def default_prompts(data_dir: str | None, n: int) -> list[dict]:
         ds = data.load_dir(data_dir)
         seen = []
         for ex in ds.valid or ds.train:
-            first_user = next(m["content"] for m in ex.messages if m["role"] == "user")
-            if first_user not in seen:
+            first_user = next((m["content"] for m in ex.messages if m["role"] == "user"), None)
+            if first_user and first_user not in seen:
                 seen.append(first_user)
         questions = [{"question": q, "keyword": None} for q in seen]
     return questions if n == -1 else questions[:n]
@@ -35,7 +35,8 @@ def default_prompts(data_dir: str | None, n: int) -> list[dict]:
 def run(opts: TestOptions) -> list[dict]:
     """Answer the prompts with base and fine-tuned model; returns one dict per prompt."""
     run_info = runinfo.read_run(opts.adapter_dir)
-    base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
+    base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
+                                     allow_pickle=opts.allow_pickle)
     prompts = ([{"question": opts.prompt, "keyword": None}] if opts.prompt
                else default_prompts(opts.data_dir or run_info.get("data_dir"), opts.num_prompts))
     if not prompts:

@@ -66,12 +66,15 @@ def find_known(ref: str) -> KnownModel | None:
     return None
 
 
-def resolve(ref: str, *, trust_remote_code: bool = False) -> Path:
-    """Return a local HF folder (config.json, safetensors, tokenizer) for `ref`."""
+def resolve(ref: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """Return a local HF folder (config.json, safetensors, tokenizer) for `ref`.
+
+    Pickle weights (.bin) can run code when loaded: refused unless `allow_pickle`.
+    """
     known = find_known(ref)
     path = Path(ref).expanduser()
     if path.exists():
-        folder = _import_gguf(path) if path.is_file() else _local_folder(path)
+        folder = _import_gguf(path) if path.is_file() else _local_folder(path, allow_pickle)
     elif known and known.package:
         folder = _import_gguf(_packaged_gguf(known))
     elif known or _looks_like_repo_id(ref):
@@ -115,7 +118,7 @@ def _looks_like_repo_id(ref: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith((".", "/"))
 
 
-def _local_folder(path: Path) -> Path:
+def _local_folder(path: Path, allow_pickle: bool = False) -> Path:
     if not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
@@ -124,10 +127,13 @@ def _local_folder(path: Path) -> Path:
                          "point MODEL at the folder that holds config.json and *.safetensors")
     if not list(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".gguf"))
+        if allow_pickle and any(f.endswith(".bin") for f in found):
+            return path
         raise ModelError(
             f"{path} has no *.safetensors weights" + (f" (found: {', '.join(found)})" if found else ""),
             "convert the weights to safetensors (transformers: model.save_pretrained(dir)), "
-            "or pass the .gguf file itself")
+            "pass the .gguf file itself, or --allow-pickle if you trust the .bin file "
+            "(pickle can run code when loaded)")
     return path
 
 

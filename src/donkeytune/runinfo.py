@@ -73,7 +73,8 @@ def read_run(adapter_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def base_model_of(run: dict, model: str | None, *, trust_remote_code: bool = False) -> Path:
+def base_model_of(run: dict, model: str | None, *, trust_remote_code: bool = False,
+                  allow_pickle: bool = False) -> Path:
     """The base model folder of a run; a MODEL that is not that base is an error naming both."""
     from . import models  # noqa: PLC0415
 
@@ -81,9 +82,10 @@ def base_model_of(run: dict, model: str | None, *, trust_remote_code: bool = Fal
     if model is None:
         folder = Path(run["base_model_path"])
         if not (folder / "config.json").exists():  # moved or cache cleared: resolve the reference again
-            folder = models.resolve(trained_on, trust_remote_code=trust_remote_code)
+            folder = models.resolve(trained_on, trust_remote_code=trust_remote_code,
+                                    allow_pickle=allow_pickle)
     else:
-        folder = models.resolve(model, trust_remote_code=trust_remote_code)
+        folder = models.resolve(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model_fingerprint(folder) != run["base_fingerprint"]:
         raise ModelError(
             f"the adapter was trained on {trained_on!r}, but MODEL is {model!r}, a different model",

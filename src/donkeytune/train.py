@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import random
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import data, device, models, runinfo
 from .config import TrainOptions
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DonkeyError, ModelError
 from .progress import say, warn
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -21,9 +27,16 @@ SEED_ADAPTER_FILE = "adapters.safetensors"  # the name the seed's RESUME_FROM pa
 def run(opts: TrainOptions) -> Path:
     """Train a LoRA adapter; returns the adapter folder (output/adapters)."""
     dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
+    checkpoint = None
+    if not opts.resume and _continue_interrupted(opts):
+        opts = dataclasses.replace(opts, resume=True)
+    if opts.resume:
+        checkpoint = latest_checkpoint(opts.adapter_dir)
+        opts = _recorded_options(checkpoint, opts)
     resume = _resume_source(opts)
-    _check_output_dir(opts, resume)
-    folder = models.resolve(opts.model or "smollm2-135m", trust_remote_code=opts.trust_remote_code)
+    _check_output_dir(opts, resume or checkpoint)
+    folder = models.resolve(opts.model or "smollm2-135m", trust_remote_code=opts.trust_remote_code,
+                            allow_pickle=opts.allow_pickle)
     if resume:
         _check_resume_matches(resume, folder, opts)
 
@@ -45,6 +58,7 @@ def run(opts: TrainOptions) -> Path:
     model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    start = restore_checkpoint(checkpoint, model, optimizer) if checkpoint else 0
 
     meta = runinfo.run_record(
         "train", opts, base_model=opts.model or "smollm2-135m", base_model_path=str(folder),
@@ -53,64 +67,90 @@ def run(opts: TrainOptions) -> Path:
         resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
         train_examples=len(train_set), valid_examples=len(valid_set))
     pad = tok.pad_token_id
-    batches = data.batches(train_set, opts.batch_size, opts.seed, pad)
+    batches = data.batches(train_set, opts.batch_size, opts.seed, pad, start_step=start)
 
     def step(batch):
         model.train()
         loss, ntok = batch_loss(model, batch, dev)
+        value = loss.item() / ntok
+        if not math.isfinite(value):  # stop before the update: the saved adapter stays good
+            raise Diverged(f"the loss became {value}; training stopped, the last checkpoint "
+                           f"in {opts.adapter_dir} is kept",
+                           f"lower LR (now {opts.lr:g}; try {opts.lr / 4:g}) and resume or restart")
         (loss / ntok).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item() / ntok, sum(map(sum, batch[1]))  # tokens/sec counts every non-pad token
+        return value, sum(map(sum, batch[1]))  # tokens/sec counts every non-pad token
 
     def evaluate():
         return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev)
 
     def save(it: int, final: bool = False):
         save_adapter(model, opts.adapter_dir, dict(meta, iteration=it, complete=final),
-                     checkpoint=None if final else it)
+                     checkpoint=None if final else it,
+                     state=None if final else trainer_state(it, optimizer))
+        prune_checkpoints(opts.adapter_dir, opts.keep)
 
-    reporter = Reporter(opts.iters, dev)
-    loop(step, batches, evaluate if valid_set else None, save, opts, reporter)
+    reporter = Reporter(opts.iters, dev, metrics_file(opts), start)
+    loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
     say(f"Adapter saved to {opts.adapter_dir}/ ({ADAPTER_FILE}, {SEED_ADAPTER_FILE})")
     return opts.adapter_dir
+
+
+class Diverged(DonkeyError):
+    """NaN or inf loss."""
 
 
 # ---------------------------------------------------------------- the loop
 
 @dataclass
 class Reporter:
-    """Report lines and a progress bar; the loop only calls these three methods."""
+    """Report lines, a progress bar and output/report/metrics.jsonl; the loop only calls
+    train, valid, tick and close."""
 
     iters: int
     device: str
-    log: list = field(default_factory=list)
+    metrics: Path
+    start: int = 0
     _bar: object = None
 
+    def __post_init__(self):
+        self.metrics.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.start and self.metrics.is_file():  # resumed: keep what led up to the checkpoint
+            kept = [line for line in self.metrics.read_text().splitlines()
+                    if line and json.loads(line)["iter"] <= self.start]
+        self.metrics.write_text("".join(line + "\n" for line in kept))
+
     def train(self, it, loss, lr, its, tps, seen):
-        line = (f"Iter {it}: Train loss {loss:.3f}, Learning Rate {lr:.3e}, It/sec {its:.3f}, "
-                f"Tokens/sec {tps:.1f}, Trained Tokens {seen}, "
-                f"Peak mem {device.peak_memory_gb(self.device):.3f} GB")
-        self._print(line)
-        self.log.append({"iter": it, "train_loss": loss, "lr": lr, "tokens_per_sec": tps})
+        self._print(f"Iter {it}: Train loss {loss:.3f}, Learning Rate {lr:.3e}, It/sec {its:.3f}, "
+                    f"Tokens/sec {tps:.1f}, Trained Tokens {seen}, "
+                    f"Peak mem {device.peak_memory_gb(self.device):.3f} GB")
+        self._record(iter=it, train_loss=loss, lr=lr, its=its, tokens_per_sec=tps)
 
     def valid(self, it, loss, seconds):
         self._print(f"Iter {it}: Val loss {loss:.3f}, Val took {seconds:.3f}s")
-        self.log.append({"iter": it, "val_loss": loss})
+        self._record(iter=it, val_loss=loss)
 
-    def tick(self, it):
+    def tick(self, it, loss):
+        self._record(iter=it, step_loss=loss)
         if self._bar is None and sys.stderr.isatty():
             from rich.progress import Progress  # noqa: PLC0415
 
             self._bar = Progress(transient=True)
             self._bar.start()
-            self._task = self._bar.add_task("training", total=self.iters)
+            self._task = self._bar.add_task("training", total=self.iters, completed=self.start)
         if self._bar is not None:
             self._bar.update(self._task, completed=it)
 
     def close(self):
         if self._bar is not None:
             self._bar.stop()
+            self._bar = None
+
+    def _record(self, **row):
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _print(self, line):
         if self._bar is not None:
@@ -120,22 +160,21 @@ class Reporter:
 
 
 def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, start: int = 0):
-    """Run steps start+1..iters: report, validate (start, every N, end) and checkpoint."""
-    if evaluate:
+    """Run steps start+1..iters: report, validate (start, every N, end) and checkpoint.
+
+    Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (status 130).
+    """
+    if evaluate and start == 0:
         t = time.perf_counter()
-        report.valid(start, evaluate(), time.perf_counter() - t)
+        report.valid(0, evaluate(), time.perf_counter() - t)
     losses, tokens, seen, t0 = [], 0, 0, time.perf_counter()
-    it = start
-    try:
+    with stop_signals() as stop:
         for it in range(start + 1, opts.iters + 1):
             loss, ntok = step(next(batches))
-            if not math.isfinite(loss):
-                raise ConfigError(f"the loss became {loss} at iteration {it}; training stopped",
-                                  "lower LR (try half), or check the data for very long examples")
             losses.append(loss)
             tokens += ntok
             seen += ntok
-            report.tick(it)
+            report.tick(it, loss)
             if it % opts.steps_per_report == 0 or it == opts.iters:
                 dt = time.perf_counter() - t0
                 report.train(it, sum(losses) / len(losses), opts.lr, len(losses) / dt, tokens / dt, seen)
@@ -144,17 +183,110 @@ def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, st
                 t = time.perf_counter()
                 report.valid(it, evaluate(), time.perf_counter() - t)
                 t0 += time.perf_counter() - t  # validation time is not training speed
+            if stop.requested and it != opts.iters:
+                report.close()
+                save(it)
+                say(f"\nStopped at iteration {it} of {opts.iters}; checkpoint saved in "
+                    f"{opts.adapter_dir}/checkpoints/{it:07d}.\n"
+                    "Continue exactly where it stopped with: donkeytune train --resume "
+                    f"--output-dir {opts.output_dir}   (or: make train RESUME=1)")
+                raise SystemExit(130)
             if it % opts.save_every == 0 and it != opts.iters:
                 save(it)
-    except KeyboardInterrupt:
-        report.close()
-        save(it)
-        say(f"\nInterrupted at iteration {it}: the adapter so far is saved in {opts.adapter_dir}/.\n"
-            f"Continue with: make train-resume RESUME_FROM={opts.adapter_dir}/{SEED_ADAPTER_FILE} "
-            f"ITERS={max(opts.iters - it, 1)}")
-        raise SystemExit(130) from None
     report.close()
-    save(it, final=True)
+    save(opts.iters, final=True)
+
+
+class _Stop:
+    requested = False
+
+
+@contextmanager
+def stop_signals():
+    """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
+
+    A second Ctrl-C interrupts at once (the last checkpoint stays).
+    """
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = True
+        say(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to abort)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+STATE_FILE = "trainer_state.pt"
+
+
+def trainer_state(it: int, optimizer) -> dict:
+    """Everything besides the adapter that makes a resumed run continue exactly."""
+    import torch  # noqa: PLC0415
+
+    state = {"iteration": it, "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_checkpoint(folder: Path, model, optimizer) -> int:
+    import torch  # noqa: PLC0415
+
+    load_adapter_weights(model, folder / ADAPTER_FILE)
+    state = torch.load(folder / STATE_FILE, weights_only=False)  # our own file, written above
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    say(f"Resuming at iteration {state['iteration']} from {folder}")
+    return state["iteration"]
+
+
+def checkpoints(adapter_dir: Path) -> list[Path]:
+    folder = Path(adapter_dir) / "checkpoints"
+    found = [p for p in folder.glob("[0-9]*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def latest_checkpoint(adapter_dir: Path) -> Path:
+    found = checkpoints(adapter_dir)
+    if not found:
+        raise ConfigError(f"--resume: no checkpoint to resume in {adapter_dir}/checkpoints",
+                          "start a new run without --resume, or point --output-dir at the "
+                          "interrupted run's folder")
+    return found[-1]
+
+
+def prune_checkpoints(adapter_dir: Path, keep: int) -> None:
+    if keep > 0:
+        for old in checkpoints(adapter_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _recorded_options(checkpoint: Path, given: TrainOptions) -> TrainOptions:
+    """A resumed run continues with the options it was started with."""
+    recorded = runinfo.read_run(checkpoint)["options"]
+    keep = {"resume": True, "force": given.force}
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    return TrainOptions(**{k: v for k, v in recorded.items() if k in names} | keep)
+
+
+def metrics_file(opts: TrainOptions) -> Path:
+    return Path(opts.output_dir) / "report" / "metrics.jsonl"
 
 
 # ---------------------------------------------------------------- model pieces
@@ -220,7 +352,8 @@ def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev) -> float:
     return total / max(count, 1)
 
 
-def save_adapter(model, adapter_dir: Path, meta: dict, checkpoint: int | None = None):
+def save_adapter(model, adapter_dir: Path, meta: dict, checkpoint: int | None = None,
+                 state: dict | None = None):
     """Write the PEFT adapter (+ the seed's adapters.safetensors) and the run metadata.
 
     Written into a temporary folder and moved into place, so an interrupted save never
@@ -232,12 +365,18 @@ def save_adapter(model, adapter_dir: Path, meta: dict, checkpoint: int | None = 
     model.save_pretrained(tmp)
     shutil.copyfile(tmp / ADAPTER_FILE, tmp / SEED_ADAPTER_FILE)
     runinfo.write_json(tmp / runinfo.RUN_FILE, meta)
+    if state is not None:
+        import torch  # noqa: PLC0415
+
+        torch.save(state, tmp / STATE_FILE)
     targets = [adapter_dir]
     if checkpoint is not None:
         targets.append(adapter_dir / "checkpoints" / f"{checkpoint:07d}")
     for target in targets:
         target.mkdir(parents=True, exist_ok=True)
         for f in tmp.iterdir():
+            if f.name == STATE_FILE and target == adapter_dir:
+                continue  # optimizer state lives in the checkpoints only
             shutil.copyfile(f, target / f".{f.name}.partial")
             (target / f".{f.name}.partial").replace(target / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -302,6 +441,25 @@ def _check_output_dir(opts: TrainOptions, resume: Path | None) -> None:
             f"{opts.adapter_dir} holds an adapter trained on {run.get('base_model')!r}; "
             f"training {opts.model or 'smollm2-135m'!r} would overwrite it",
             "pass --force (FORCE=1), pick another --output-dir, or `make clean-output`")
+
+
+def _continue_interrupted(opts: TrainOptions) -> bool:
+    """An interrupted run sits in the output folder: continue it, or say how to decide."""
+    run_file = opts.adapter_dir / runinfo.RUN_FILE
+    if opts.force or opts.resume_from or not run_file.is_file():
+        return False
+    run = runinfo.read_run(opts.adapter_dir)
+    if run.get("complete", True) or not checkpoints(opts.adapter_dir):
+        return False
+    where = f"{opts.adapter_dir} holds an interrupted run (iteration {run.get('iteration')} of " \
+            f"{run['options']['iters']}, model {run.get('base_model')!r})"
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        answer = input(f"{where}. Continue it? [Y/n] ").strip().lower()
+        if answer in ("", "y", "yes"):
+            return True
+    raise ConfigError(f"{where}; a new run would overwrite it",
+                      "continue it with --resume (make train RESUME=1), or start over with "
+                      "--force (FORCE=1)")
 
 
 def _print_plan(opts: TrainOptions, train_set, valid_set) -> None:

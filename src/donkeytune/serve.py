@@ -1,0 +1,180 @@
+"""`donkeytune serve`: an OpenAI-compatible HTTP server for the GGUF, on llama-cpp-python's own.
+
+llama_cpp.server (FastAPI + uvicorn) gives /v1/models, /v1/chat/completions (streaming too),
+/v1/completions and /v1/embeddings with the GGUF's chat template. Two things are added here:
+the model is loaded without CPU weight repacking (see gguf/runtime.py), and requests are
+checked before they reach it: llama_cpp.server answers malformed JSON or wrong types with a
+500, we answer with a 400 and an OpenAI-style JSON error. A chat request without a system
+message gets the training data's system prompt, as Ollama's SYSTEM does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+
+from .chat import resolve_gguf
+from .config import ServeOptions
+from .errors import ConfigError
+from .progress import say, warn
+
+MAX_BODY = 4 << 20  # bytes of one request; chat prompts are far smaller
+ROLES = ("system", "user", "assistant", "tool", "function")
+
+
+def run(opts: ServeOptions) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    path, system = resolve_gguf(opts)
+    try:
+        import uvicorn  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("the server needs llama-cpp-python's server packages",
+                          "pip install 'donkeytune[serve]'") from None
+    _check_port_free(opts.host, opts.port)
+    if opts.host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"listening on {opts.host}: anyone who can reach it can use the model (no API key)")
+    alias = path.stem
+    app = build_app(path, alias, system, opts.n_ctx)
+    say(f"Serving {path.name} as model {alias!r} at http://{opts.host}:{opts.port}/v1 "
+        "(OpenAI API: /v1/models, /v1/chat/completions); Ctrl-C stops")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: let that
+    # second one end the process normally (exit 0) instead of killing it.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    say("Server stopped")
+
+
+def build_app(path, alias: str, system: str | None, n_ctx: int = 2048):
+    """The llama_cpp.server app for one GGUF, behind the request checks."""
+    try:
+        from llama_cpp.server.app import create_app  # noqa: PLC0415
+        from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("the server needs llama-cpp-python's server packages",
+                          "pip install 'donkeytune[serve]'") from None
+    from .gguf.runtime import _no_weight_repacking  # noqa: PLC0415 - same protection as load_llama
+
+    with _no_weight_repacking():  # create_app loads the model
+        app = create_app(server_settings=ServerSettings(),
+                         model_settings=[ModelSettings(model=str(path), model_alias=alias,
+                                                       n_ctx=n_ctx, verbose=False)])
+    return CheckRequests(app, alias, system)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}",
+                              "choose another port: --port 8001 (make serve PORT=8001)") from None
+
+
+# ---------------------------------------------------------------- request checks
+
+def check_chat(body) -> str | None:
+    """What is wrong with a chat completion request, or None."""
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return f"messages[{i}] must be an object whose 'role' is one of {', '.join(ROLES)}"
+        content = m.get("content")
+        if not (isinstance(content, str) or isinstance(content, list)
+                or (content is None and m["role"] == "assistant")):
+            return f"messages[{i}].content must be a string"
+    return None
+
+
+def check_completion(body) -> str | None:
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    if not isinstance(body.get("prompt"), (str, list)):
+        return "'prompt' must be a string or a list of strings"
+    return None
+
+
+CHECKS = {"/v1/chat/completions": check_chat, "/v1/completions": check_completion}
+
+
+class CheckRequests:
+    """ASGI middleware: malformed requests get a 400 with a JSON error before they reach the model."""
+
+    def __init__(self, app, alias: str, system: str | None):
+        self.app, self.alias, self.system = app, alias, system
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in CHECKS:
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY:
+                return await _error(send, 413, f"request body over {MAX_BODY} bytes")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return await _error(send, 400, f"the request body is not valid JSON: {e}")
+        problem = CHECKS[scope["path"]](payload)
+        if problem is None:
+            problem = self._check_types(scope["path"], payload)
+        if problem:
+            return await _error(send, 400, problem)
+        payload.setdefault("model", self.alias)  # answers name the model as /v1/models does
+        if scope["path"] == "/v1/chat/completions" and self.system and not any(
+                m["role"] == "system" for m in payload["messages"]):
+            payload["messages"].insert(0, {"role": "system", "content": self.system})
+        body = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then: wait for the client to disconnect, as before
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _check_types(path: str, payload: dict) -> str | None:
+        """The server's own request model checks every other field (temperature, stream, ...)."""
+        import pydantic  # noqa: PLC0415
+        from llama_cpp.server.types import (  # noqa: PLC0415
+            CreateChatCompletionRequest,
+            CreateCompletionRequest,
+        )
+
+        model = CreateChatCompletionRequest if path == "/v1/chat/completions" else CreateCompletionRequest
+        try:
+            model.model_validate(payload)
+        except pydantic.ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"][:2])
+            return f"{where}: {first['msg']}"
+        return None
+
+
+async def _error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                 "param": None, "code": None}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
