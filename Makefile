@@ -12,10 +12,10 @@ TORCH_INDEX ?=
 
 VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LENGTH QUANTIZE \
         PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE \
-        INPUTS
+        INPUTS GGUF SYSTEM HOST PORT
 $(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
 
-.PHONY: help setup demo check check-slow train train-resume fuse test test-prompt convert all \
+.PHONY: help setup demo check check-slow train train-resume fuse test test-prompt convert chat serve all \
         merge-data train-merged models clean-output clean
 
 help:
@@ -29,6 +29,8 @@ help:
 	@echo "  make train-resume  continue from an adapter: RESUME_FROM=output/adapters/adapters.safetensors"
 	@echo "  make fuse          merge the adapter into the base model -> output/fused/"
 	@echo "  make convert       fuse + GGUF export + llama.cpp quantization -> output/gguf/ (QUANTIZE=Q4_K_M)"
+	@echo "  make chat          chat with the converted GGUF in the terminal (SYSTEM= to change the system prompt)"
+	@echo "  make serve         OpenAI-compatible server for the GGUF at http://127.0.0.1:8000/v1 (PORT= HOST=)"
 	@echo "  make all           train + convert + test"
 	@echo "  make test          the default prompts, base vs fine-tuned GGUF in llama.cpp (MODEL from the run)"
 	@echo "  make test-prompt   one prompt: PROMPT=\"...\""
@@ -85,6 +87,16 @@ test: setup
 
 convert: setup
 	$(DT) convert
+
+chat: setup
+	$(DT) chat
+
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[serve]"
+	@touch $@
+
+serve: $(VENV)/.installed-serve
+	$(DT) serve
 
 all: setup
 	$(DT) train

@@ -10,9 +10,13 @@ from donkeytune.errors import ConfigError
 
 
 def test_seed_defaults():
+    """Recipe options are "not given" (None) until the recipe fills them; `seed` is the seed's."""
     o = TrainOptions()
-    assert (o.iters, o.batch_size, o.num_layers, o.lr, o.rank, o.dropout) == (600, 4, 8, 1e-5, 8, 0.05)
-    assert o.scale == 10.0 and o.lora_alpha == 80.0  # the seed's mlx-lm scale 10 = PEFT alpha 80 at rank 8
+    assert (o.iters, o.batch_size, o.num_layers, o.lr, o.rank, o.scale, o.recipe) == (None,) * 7
+    seed = TrainOptions(**config.SEED_RECIPE)
+    assert (seed.iters, seed.batch_size, seed.num_layers, seed.lr, seed.rank, o.dropout) == (
+        600, 4, 8, 1e-5, 8, 0.05)
+    assert seed.scale == 10.0 and seed.lora_alpha == 80.0  # the seed's mlx-lm scale 10 = PEFT alpha 80 at rank 8
     assert (o.steps_per_eval, o.steps_per_report, o.save_every) == (50, 10, 100)
 
 
@@ -25,7 +29,7 @@ def test_precedence(tmp_path):
     assert o.batch_size == 3     # environment beats YAML
     assert o.lr == 3e-4          # YAML beats default; a flag left unset (None) does not override
     assert o.rank == 4           # an empty Make variable is "not given"
-    assert o.num_layers == 8     # default
+    assert o.num_layers is None  # not given: the recipe fills it before the model loads
 
 
 def test_config_file_from_environment(tmp_path):

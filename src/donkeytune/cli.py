@@ -72,6 +72,12 @@ def _models(_opts):
     report.print_models()
 
 
+def _doctor(_opts):
+    from . import doctor  # noqa: PLC0415
+
+    return doctor.run()
+
+
 def _data(name: str):
     def run(opts):
         from . import datatools  # noqa: PLC0415
@@ -109,7 +115,8 @@ COMMANDS = {
     "chat": (config.ChatOptions, _chat, "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
     "serve": (config.ServeOptions, _serve,
               "OpenAI-compatible HTTP server for the GGUF (/v1/models, /v1/chat/completions)"),
-    "models": (None, _models, "list the built-in and tested models"),
+    "models": (None, _models, "list the built-in and tested models, and which fit here"),
+    "doctor": (None, _doctor, "versions, compute device, memory, disk, and the largest model that fits"),
     "data": (None, DATA_COMMANDS, "check, inspect, split, merge and convert datasets"),
 }
 

@@ -18,6 +18,8 @@ from .errors import ConfigError
 from .formats import FORMATS
 
 ENV_PREFIX = "DONKEYTUNE_"
+# The seed's defaults, the `seed` recipe (recipe.py chooses the others)
+SEED_RECIPE = dict(iters=600, batch_size=4, num_layers=8, lr=1e-5, rank=8, scale=10.0)
 
 
 def opt(default, help: str, *, env: str | None = None, positional: bool = False,
@@ -139,13 +141,19 @@ class ModelOptions:
 @dataclass
 class TrainOptions(ModelOptions):
     data_dir: str = opt("data", "folder with train.jsonl and valid.jsonl", env="DATA_DIR")
-    iters: int = opt(600, "optimizer steps", env="ITERS")
-    batch_size: int = opt(4, "examples per optimizer step", env="BATCH_SIZE")
-    num_layers: int = opt(8, "LoRA on the last N transformer blocks (-1 = all)", env="NUM_LAYERS")
-    lr: float = opt(1e-5, "learning rate (Adam)", env="LR")
-    rank: int = opt(8, "LoRA rank", env="RANK")
-    scale: float = opt(10.0, "LoRA scale: the adapter's output is multiplied by it "
-                       "(the seed's mlx-lm meaning; PEFT lora_alpha = scale x rank)", env="SCALE")
+    recipe: str | None = opt(None, "how unset ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE are chosen: "
+                             "auto (from the model, data and memory; the default when none of the "
+                             "first five is set), seed (the seed's 600/4/8/1e-5/8/10) or none",
+                             env="RECIPE", choices=("auto", "seed", "none"))
+    # None below = "from the recipe" (recipe.resolve fills them before the model loads)
+    iters: int | None = opt(None, "optimizer steps", env="ITERS")
+    batch_size: int | None = opt(None, "examples per optimizer step", env="BATCH_SIZE")
+    num_layers: int | None = opt(None, "LoRA on the last N transformer blocks (-1 = all)",
+                                 env="NUM_LAYERS")
+    lr: float | None = opt(None, "learning rate (Adam)", env="LR")
+    rank: int | None = opt(None, "LoRA rank", env="RANK")
+    scale: float | None = opt(None, "LoRA scale: the adapter's output is multiplied by it "
+                              "(the seed's mlx-lm meaning; PEFT lora_alpha = scale x rank)", env="SCALE")
     alpha: float | None = opt(None, "PEFT lora_alpha; when given, scale = alpha / rank", env="ALPHA")
     dropout: float = opt(0.05, "LoRA dropout", env="DROPOUT")
     max_seq_length: int = opt(2048, "longer examples are truncated (with a warning)",
@@ -168,14 +176,18 @@ class TrainOptions(ModelOptions):
                      choices=("auto", "bfloat16", "float16", "float32"))
     force: bool = opt(False, "train even if the output folder holds a run of another model",
                       env="FORCE")
+    report_to: str | None = opt(None, "also log the metrics to tensorboard or wandb (their own "
+                                "packages)", env="REPORT_TO", choices=("tensorboard", "wandb"))
 
     def __post_init__(self):
-        _check(self.iters > 0, f"ITERS must be positive, got {self.iters}")
-        _check(self.batch_size > 0, f"BATCH_SIZE must be positive, got {self.batch_size}")
-        _check(self.num_layers == -1 or self.num_layers > 0,
+        _check(self.iters is None or self.iters > 0, f"ITERS must be positive, got {self.iters}")
+        _check(self.batch_size is None or self.batch_size > 0,
+               f"BATCH_SIZE must be positive, got {self.batch_size}")
+        _check(self.num_layers is None or self.num_layers == -1 or self.num_layers > 0,
                f"NUM_LAYERS must be positive or -1 (all), got {self.num_layers}")
-        _check(self.lr > 0, f"LR must be positive, got {self.lr}")
-        _check(self.rank > 0, f"RANK must be positive, got {self.rank}")
+        _check(self.lr is None or self.lr > 0, f"LR must be positive, got {self.lr}")
+        _check(self.rank is None or self.rank > 0, f"RANK must be positive, got {self.rank}")
+        _check(self.scale is None or self.scale > 0, f"SCALE must be positive, got {self.scale}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.max_seq_length >= 16, f"max_seq_length must be at least 16, got {self.max_seq_length}")
         for name in ("steps_per_report", "steps_per_eval", "save_every"):
@@ -185,7 +197,15 @@ class TrainOptions(ModelOptions):
                "adapter: give one of them")
         if self.alpha is not None:
             _check(self.alpha > 0, f"alpha must be positive, got {self.alpha}")
-            self.scale = self.alpha / self.rank
+            if self.rank is not None:
+                self.scale = self.alpha / self.rank
+        if self.report_to:
+            import importlib.util  # noqa: PLC0415
+
+            package = {"tensorboard": "tensorboard", "wandb": "wandb"}[self.report_to]
+            _check(importlib.util.find_spec(package) is not None,
+                   f"--report-to {self.report_to} needs the {package} package",
+                   f"pip install {package}")
 
     @property
     def lora_alpha(self) -> float:
@@ -288,8 +308,8 @@ class DataCheckOptions(DataTokenOptions):
 
 @dataclass
 class DataStatsOptions(DataTokenOptions):
-    iters: int = opt(TrainOptions.iters, "optimizer steps the training will run", env="ITERS")
-    batch_size: int = opt(TrainOptions.batch_size, "examples per optimizer step", env="BATCH_SIZE")
+    iters: int = opt(SEED_RECIPE["iters"], "optimizer steps the training will run", env="ITERS")
+    batch_size: int = opt(SEED_RECIPE["batch_size"], "examples per optimizer step", env="BATCH_SIZE")
 
     def __post_init__(self):
         _check(self.iters > 0 and self.batch_size > 0, "ITERS and BATCH_SIZE must be positive")

@@ -49,6 +49,9 @@ KNOWN_MODELS = (
     KnownModel("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1.54, 28, 32768, 8.0),
     KnownModel("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", 1.54, 28, 32768, 8.0),
     KnownModel("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.08, 36, 65536, 14.0),
+    KnownModel("qwen3-4b", "Qwen/Qwen3-4B-Instruct-2507", 4.02, 36, 262144, 15.0),
+    KnownModel("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 8.03, 32, 131072, 20.0,
+               "gated: accept the licence on the Hub, set HF_TOKEN"),
 )
 
 

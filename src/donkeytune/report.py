@@ -1,19 +1,269 @@
-"""Tables and summaries printed for the user."""
+"""Tables and summaries printed for the user; the run report in output/report/.
+
+The report: metrics.jsonl (written line by line by train.Reporter), loss.png, summary.md, and
+the diagnosis of the seed's table (overfitting, under-training, unstable) printed at the end.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
 from .models import KNOWN_MODELS
+from .progress import say, warn
+
+UNDERTRAINED = 0.5  # the seed's table: train loss still above this at the end = under-trained
+RISE = 1.03  # validation counts as rising once 3 % above its lowest point
+JUMP = 1.10  # a report-to-report rise of 10 % in train loss is a jump
+
+
+# ---------------------------------------------------------------- models
+
+def fits_here(train_gb: float, available_gb: float) -> str:
+    return "yes" if train_gb <= available_gb else "no"
 
 
 def print_models() -> None:
-    """The built-in alias and the models the seed was tested with."""
-    rows = [("alias", "Hugging Face repo", "params", "layers", "context", "train mem", "note")]
+    """The built-in alias and the models the seed was tested with, and which fit here."""
+    dev, avail = memory_here()
+    rows = [("alias", "Hugging Face repo", "params", "layers", "context", "disk (bf16)", "train mem",
+             f"fits here ({avail:.0f} GB {dev})", "note")]
     for m in KNOWN_MODELS:
         rows.append((m.alias, m.repo, f"{m.params_b:g}B", str(m.layers), str(m.context),
-                     f"~{m.train_gb:g} GB", m.note))
+                     f"{m.params_b * 2:.1f} GB", f"~{m.train_gb:g} GB", fits_here(m.train_gb, avail),
+                     m.note))
+    print_table(rows)
+    print("\ntrain mem: a LoRA run with the seed's recipe for the size (bf16 weights); "
+          "`donkeytune train` checks the figure for your data before it loads the model.")
+    print("MODEL= takes an alias, a repo id, a local HF folder or a .gguf file.")
+
+
+def memory_here() -> tuple[str, float]:
+    """(device, GB available to training there): the GPU's memory, else this machine's RAM."""
+    from . import device, memory  # noqa: PLC0415
+
+    try:
+        dev = device.pick_device("auto")
+    except ImportError:
+        dev = "cpu"
+    return dev, memory.available(dev) / 1e9
+
+
+def largest_fitting(available_gb: float):
+    fitting = [m for m in KNOWN_MODELS if m.train_gb <= available_gb]
+    return max(fitting, key=lambda m: m.params_b) if fitting else None
+
+
+def print_table(rows) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths))
-    print("\nMODEL= takes an alias, a repo id, a local HF folder or a .gguf file.")
+
+
+# ---------------------------------------------------------------- metrics and diagnosis
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{"train_loss": [(iter, loss)], "val_loss": [...], "step_loss": [...]} of metrics.jsonl."""
+    out: dict[str, list] = {"train_loss": [], "val_loss": [], "step_loss": [], "tokens_per_sec": []}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            for key in out:
+                if key in row:
+                    out[key].append((row["iter"], row[key]))
+    return out
+
+
+@dataclass
+class Finding:
+    kind: str  # overfitting, under-training, unstable, healthy
+    message: str
+    fix: str = ""
+
+
+def rising_from(valid: list[tuple[int, float]]) -> int | None:
+    """The iteration after which the validation loss rises (its lowest point), if it does."""
+    if len(valid) < 3:
+        return None
+    best = min(range(len(valid)), key=lambda i: valid[i][1])
+    if best < len(valid) - 1 and valid[-1][1] > valid[best][1] * RISE:
+        return valid[best][0]
+    return None
+
+
+def diagnose(train: list[tuple[int, float]], valid: list[tuple[int, float]], lr: float | None = None,
+             iters: int | None = None) -> list[Finding]:
+    """The seed's table: overfitting, under-training, unstable; or healthy."""
+    found = []
+    turn = rising_from(valid)
+    if turn is not None and train:
+        before = [loss for it, loss in train if it <= turn] or [train[0][1]]
+        if train[-1][1] < before[-1]:
+            low = dict(valid)[turn]
+            found.append(Finding(
+                "overfitting", f"validation loss rose from {low:.3f} (iter {turn}) to {valid[-1][1]:.3f} "
+                f"while train loss fell to {train[-1][1]:.3f}",
+                f"stop at the lowest validation loss: ITERS={turn}; or lower LR, or add more data"))
+    if train and train[-1][1] > UNDERTRAINED:
+        more = f"ITERS={iters * 2}" if iters else "a higher ITERS"
+        found.append(Finding(
+            "under-training", f"train loss is still {train[-1][1]:.3f} (> {UNDERTRAINED}) at the end",
+            f"train longer ({more}) or raise LR" + (f" (LR={lr * 2:g})" if lr else "")))
+    losses = [loss for _, loss in train[1:]]
+    jumps = sum(b > a * JUMP for a, b in zip(losses, losses[1:]))
+    diverged = len(train) >= 3 and train[-1][1] > train[0][1] * 1.05
+    if (jumps >= 3 and jumps >= 0.25 * (len(losses) - 1)) or diverged:
+        what = "rose above where it started" if diverged else f"jumped up {jumps} times"
+        found.append(Finding(
+            "unstable", f"train loss {what} (oscillating)",
+            "lower LR" + (f" (LR={lr / 2:g})" if lr else "") + ", or raise BATCH_SIZE"))
+    if not found:
+        found.append(Finding("healthy", "train and validation loss fell together", "no change needed"))
+    return found
+
+
+# ---------------------------------------------------------------- files
+
+def plot_loss(metrics: dict, png: Path, title: str = "") -> Path:
+    """Train and validation loss against iteration, marked where validation starts rising."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if metrics["step_loss"]:
+        xs, ys = zip(*metrics["step_loss"])
+        ax.plot(xs, ys, color="tab:blue", alpha=0.2, linewidth=0.8, label="train (each step)")
+    if metrics["train_loss"]:
+        xs, ys = zip(*metrics["train_loss"])
+        ax.plot(xs, ys, color="tab:blue", linewidth=2, label="train (report average)")
+    if metrics["val_loss"]:
+        xs, ys = zip(*metrics["val_loss"])
+        ax.plot(xs, ys, "o-", color="tab:orange", linewidth=2, label="validation")
+    turn = rising_from(metrics["val_loss"])
+    if turn is not None:
+        ax.axvline(turn, color="tab:red", linestyle="--", linewidth=1)
+        ax.annotate(f"validation rises after iter {turn}", (turn, ax.get_ylim()[1]),
+                    xytext=(4, -14), textcoords="offset points", color="tab:red", fontsize=9)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.partial")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
+def summary_markdown(opts, meta: dict, metrics: dict, findings: list[Finding], seconds: float | None,
+                     files: list[Path]) -> str:
+    tps = [v for _, v in metrics["tokens_per_sec"]]
+    last_train = metrics["train_loss"][-1][1] if metrics["train_loss"] else None
+    last_val = metrics["val_loss"][-1][1] if metrics["val_loss"] else None
+    fmt = (lambda x: "-" if x is None else f"{x:.3f}")
+    settings = ", ".join(f"{k.upper()}={getattr(opts, k):g}" if isinstance(getattr(opts, k), float)
+                         else f"{k.upper()}={getattr(opts, k)}"
+                         for k in ("iters", "batch_size", "num_layers", "lr", "rank", "scale",
+                                   "dropout", "max_seq_length", "seed"))
+    lines = [
+        "# DonkeyTune run report", "",
+        f"- **Model**: {meta.get('base_model')} (`{meta.get('base_model_path')}`)",
+        f"- **Data**: `{meta.get('data_dir')}`: {meta.get('train_examples')} train / "
+        f"{meta.get('valid_examples')} valid examples (fingerprint {meta.get('data_fingerprint')})",
+        f"- **Recipe**: {opts.recipe or '-'}; {settings}",
+        f"- **Duration**: {_duration(seconds)}; **tokens/s**: "
+        + (f"{sum(tps) / len(tps):.1f} average" if tps else "-"),
+        f"- **Final losses**: train {fmt(last_train)}, validation {fmt(last_val)}"
+        + (f" (lowest {min(v for _, v in metrics['val_loss']):.3f})" if metrics["val_loss"] else ""),
+        "", "## Diagnosis", "",
+        *[f"- **{f.kind}**: {f.message}" + (f". Suggested: {f.fix}." if f.fix else "") for f in findings],
+        "", "## Files", "",
+        *[f"- `{p}`" for p in files],
+        "", "## How to use them", "",
+        "```sh",
+        f"donkeytune convert --output-dir {opts.output_dir}     # fuse + GGUF + quantize -> "
+        f"{opts.output_dir}/gguf/",
+        f"donkeytune test --output-dir {opts.output_dir}        # base vs fine-tuned answers",
+        f"donkeytune chat --output-dir {opts.output_dir}        # chat with the GGUF",
+        f"donkeytune export-adapter {opts.adapter_dir}  # the adapter alone, for llama.cpp --lora / Ollama ADAPTER",
+        "```", "",
+        "In Python: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+        f"\"{opts.adapter_dir}\")`.", ""]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def finish(opts, meta: dict) -> list[Finding]:
+    """End of training: loss.png, summary.md, the diagnosis printed, trackers fed."""
+    folder = Path(opts.output_dir) / "report"
+    metrics = read_metrics(folder / "metrics.jsonl")
+    findings = diagnose(metrics["train_loss"], metrics["val_loss"], opts.lr, opts.iters)
+    seconds = _since(meta.get("created"))
+    files = sorted(p for p in Path(opts.adapter_dir).iterdir() if p.is_file())
+    written = [folder / "metrics.jsonl"]
+    try:
+        written.append(plot_loss(metrics, folder / "loss.png", f"{meta.get('base_model')}: "
+                                 f"{opts.data_dir}"))
+    except ImportError:
+        warn("no loss.png: matplotlib is not installed (pip install matplotlib)")
+    summary = folder / "summary.md"
+    written.append(summary)
+    text = summary_markdown(opts, meta, metrics, findings, seconds, files + written)
+    tmp = summary.with_name(".summary.md.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(summary)
+    say("Diagnosis: " + "; ".join(f"{f.kind}: {f.message}" + (f" -> {f.fix}" if f.fix else "")
+                                  for f in findings))
+    say(f"Report: {folder}/ (summary.md, loss.png, metrics.jsonl)")
+    if getattr(opts, "report_to", None):
+        log_trackers(opts.report_to, folder, opts)
+    return findings
+
+
+def _since(created: str | None) -> float | None:
+    try:
+        return time.time() - datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- trackers
+
+def log_trackers(kind: str, folder: Path, opts) -> None:
+    """Send metrics.jsonl to TensorBoard or Weights & Biases, through their own packages."""
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    names = {"train_loss": "train/loss", "val_loss": "val/loss", "step_loss": "train/step_loss",
+             "lr": "train/lr", "tokens_per_sec": "train/tokens_per_sec"}
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+        writer = SummaryWriter(str(folder / "tensorboard"))
+        for row in rows:
+            for key, tag in names.items():
+                if key in row:
+                    writer.add_scalar(tag, row[key], row["iter"])
+        writer.close()
+        say(f"TensorBoard: tensorboard --logdir {folder / 'tensorboard'}")
+    elif kind == "wandb":
+        import wandb  # noqa: PLC0415
+
+        wb = wandb.init(project="donkeytune", config=dataclasses.asdict(opts))
+        for row in rows:
+            wb.log({tag: row[key] for key, tag in names.items() if key in row}, step=row["iter"])
+        wb.finish()

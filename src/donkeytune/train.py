@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data, device, models, runinfo
+from . import data, device, memory, models, recipe, report, runinfo
 from .config import TrainOptions
 from .errors import ConfigError, DonkeyError, ModelError
 from .progress import say, warn
@@ -37,6 +37,7 @@ def run(opts: TrainOptions) -> Path:
     _check_output_dir(opts, resume or checkpoint)
     folder = models.resolve(opts.model or "smollm2-135m", trust_remote_code=opts.trust_remote_code,
                             allow_pickle=opts.allow_pickle)
+    opts = recipe.resolve(opts, folder, len(dataset.train))  # unset ITERS, LR, ...: from the recipe
     if resume:
         _check_resume_matches(resume, folder, opts)
 
@@ -48,6 +49,8 @@ def run(opts: TrainOptions) -> Path:
     tok = device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code)
     train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
     valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
+    opts = memory.check_training(opts, folder, train_set, dev, dtype.itemsize,
+                                 auto=opts.recipe == "auto")  # will it fit? said before loading
     _print_plan(opts, train_set, valid_set)
 
     torch.manual_seed(opts.seed)
@@ -94,6 +97,7 @@ def run(opts: TrainOptions) -> Path:
     reporter = Reporter(opts.iters, dev, metrics_file(opts), start)
     loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
     say(f"Adapter saved to {opts.adapter_dir}/ ({ADAPTER_FILE}, {SEED_ADAPTER_FILE})")
+    report.finish(opts, meta)  # loss.png, summary.md, the diagnosis, trackers
     return opts.adapter_dir
 
 

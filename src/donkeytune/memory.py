@@ -1,0 +1,216 @@
+"""Know before you start: training memory estimated before any model loads, free disk before writes.
+
+The estimate is a sum of parts a user can reason about (see `estimate_training`); it is
+calibrated against the peak RSS of real SmolLM2-135M runs (tests/test_memory.py, slow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, DonkeyError
+
+GB = 1e9
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Bytes per parameter of what fuse/export/quantize write (K-quants: llama.cpp's average bits / 8).
+FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f16": 2,
+              "q8_0": 34 / 32, "Q8_0": 34 / 32, "F16": 2, "BF16": 2, "Q6_K": 6.56 / 8,
+              "Q5_K_M": 5.69 / 8, "Q4_K_M": 4.85 / 8, "Q4_0": 18 / 32}
+# Python + torch + transformers + tokenizer, measured before the model loads (about 0.55 GB on
+# Linux x86 CPU with torch 2.13); on a GPU the CUDA context takes about as much.
+BASELINE = 0.55 * GB
+
+
+def count_params(folder: Path) -> int:
+    """Parameters of an HF folder, from the safetensors headers (no tensor is read)."""
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+@dataclass
+class Estimate:
+    """Bytes of each part of a training step's peak, and their sum."""
+
+    baseline: float
+    weights: float
+    lora: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.baseline + self.weights + self.lora + self.activations + self.logits
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GB:.2f}" for k in
+                          ("baseline", "weights", "lora", "activations", "logits"))
+        return f"{self.total / GB:.2f} GB ({parts})"
+
+
+def estimate_training(cfg: dict, n_params: int, *, batch_size: int, seq_len: int, labelled: int,
+                      num_layers: int, rank: int, dtype_bytes: int = 2, dropout: bool = True,
+                      baseline: float = BASELINE) -> Estimate:
+    """Peak memory of a LoRA training step, from the model's config.json.
+
+    - weights: every parameter in the compute dtype (frozen; no gradient, no optimizer state);
+    - LoRA: rank x (in + out) per adapted linear, fp32, x4 for weight, gradient and Adam's two moments;
+    - activations, kept for the backward pass in the adapted blocks only (frozen blocks below keep
+      nothing): per token and block, the compute-dtype tensors of a Llama-style block (about
+      12 x hidden + 5 x intermediate) plus PEFT's fp32 copy (and dropout copy) of each adapted
+      linear's input (6 x hidden + intermediate, 4 or 8 bytes);
+    - logits: the LM head runs on labelled positions only: fp32 logits, their softmax and gradient.
+    """
+    cfg = cfg.get("text_config", cfg)
+    hidden, inter = cfg["hidden_size"], cfg.get("intermediate_size", 4 * cfg["hidden_size"])
+    heads = cfg.get("num_attention_heads", 1)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv = cfg.get("num_key_value_heads", heads) * head_dim
+    n_blocks = cfg["num_hidden_layers"]
+    layers = n_blocks if num_layers == -1 else min(num_layers, n_blocks)
+    q_out = heads * head_dim
+    # (in, out) of the seven linears of a block: q, k, v, o, gate, up, down
+    linears = [(hidden, q_out), (hidden, kv), (hidden, kv), (q_out, hidden),
+               (hidden, inter), (hidden, inter), (inter, hidden)]
+    lora_params = layers * sum(rank * (i + o) for i, o in linears)
+    tokens = batch_size * seq_len
+    block = (12 * hidden + 5 * inter) * dtype_bytes + (6 * hidden + inter) * (8 if dropout else 4)
+    return Estimate(
+        baseline=baseline,
+        weights=n_params * dtype_bytes,
+        lora=lora_params * 16,
+        activations=tokens * layers * block + tokens * (hidden + inter) * 4,  # + one frozen block's transients
+        logits=labelled * cfg["vocab_size"] * 12,
+    )
+
+
+def longest_batch(items, batch_size: int) -> tuple[int, int]:
+    """(padded length, labelled tokens) of the worst batch: the longest example sets the width,
+    the examples with the most labelled tokens set the LM head's rows."""
+    if not items:
+        return 1, 1
+    width = max(len(t.input_ids) for t in items)
+    top = sorted((t.trained_tokens for t in items), reverse=True)
+    return width, sum(top[:batch_size])
+
+
+def available(device: str = "cpu") -> float:
+    """Bytes this process can still grow by on `device` (plus what it already holds on CPU)."""
+    import psutil  # noqa: PLC0415
+
+    if device == "cuda":
+        import torch  # noqa: PLC0415
+
+        free, _total = torch.cuda.mem_get_info()
+        return float(free)
+    if device == "mps":
+        import torch  # noqa: PLC0415
+
+        limit = getattr(torch.mps, "recommended_max_memory", None)
+        if limit:
+            return float(limit())
+    return float(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+def total_memory(device: str = "cpu") -> float:
+    import psutil  # noqa: PLC0415
+
+    if device == "cuda":
+        import torch  # noqa: PLC0415
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return float(psutil.virtual_memory().total)
+
+
+class OutOfMemory(DonkeyError):
+    """The run will not fit: said before the model loads."""
+
+    status = 2
+
+
+def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int, *,
+                   auto: bool = False, limit: float | None = None):
+    """Compare the estimate with free memory before loading. Returns opts (for an auto recipe,
+    shrunk until it fits); raises OutOfMemory with the settings that fit otherwise."""
+    from .progress import say  # noqa: PLC0415
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    n_params = count_params(folder)
+    limit = available(device) if limit is None else limit
+    baseline = BASELINE if device == "cpu" else 0.5 * GB
+
+    def estimate(o):
+        width, labelled = longest_batch(train_set, o.batch_size)
+        width = min(width, o.max_seq_length)
+        return estimate_training(cfg, n_params, batch_size=o.batch_size, seq_len=width,
+                                 labelled=labelled, num_layers=o.num_layers, rank=o.rank,
+                                 dtype_bytes=dtype_bytes, dropout=o.dropout > 0, baseline=baseline)
+
+    need = estimate(opts)
+    if need.total <= limit:
+        say(f"Memory: about {need.total / GB:.1f} GB needed, {limit / GB:.1f} GB available")
+        return opts
+    n_blocks = cfg.get("text_config", cfg)["num_hidden_layers"]
+    fitting = _shrink(opts, lambda o: estimate(o).total <= limit, n_blocks)
+    if auto and fitting is not None:
+        say(f"Memory: the recipe needs about {need.total / GB:.1f} GB, {limit / GB:.1f} GB is "
+            f"available: using {_settings(fitting)}")
+        return fitting
+    where = {"cpu": "RAM", "mps": "unified memory"}.get(device, f"{device} memory")
+    fix = (f"use {_settings(fitting)} (about {estimate(fitting).total / GB:.1f} GB)"
+           if fitting is not None else "use a smaller model (donkeytune models shows what fits)")
+    raise OutOfMemory(f"this run needs about {need.describe()}, but only {limit / GB:.1f} GB of "
+                      f"{where} is available", fix + "; close other programs to free memory")
+
+
+def _settings(o) -> str:
+    return (f"BATCH_SIZE={o.batch_size} NUM_LAYERS={o.num_layers} RANK={o.rank} "
+            f"MAX_SEQ_LENGTH={o.max_seq_length}")
+
+
+def _shrink(opts, fits, n_blocks: int):
+    """The first smaller recipe that fits: halve BATCH_SIZE, then NUM_LAYERS, then RANK, then
+    MAX_SEQ_LENGTH (which truncates long examples: last)."""
+    import dataclasses  # noqa: PLC0415
+
+    o = opts
+    for name, floor in (("batch_size", 1), ("num_layers", 1), ("rank", 4), ("max_seq_length", 256)):
+        while getattr(o, name) > floor:
+            value = getattr(o, name)
+            if name == "num_layers" and value == -1:
+                value = n_blocks
+            o = dataclasses.replace(o, **{name: max(floor, value // 2)})
+            if fits(o):
+                return o
+    return None
+
+
+def check_disk(folder: Path, need: float, what: str) -> None:
+    """Stop before writing `need` bytes into `folder` when the disk cannot hold them."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need * 1.05 > free:
+        raise ConfigError(f"{what} needs about {need / GB:.1f} GB in {folder}, but only "
+                          f"{free / GB:.1f} GB of disk is free",
+                          "free some disk space, or set OUTPUT_DIR to a disk with room")
+
+
+def file_bytes(n_params: int, kind: str) -> float:
+    return n_params * FILE_BYTES.get(kind, 2)
