@@ -12,10 +12,10 @@ TORCH_INDEX ?=
 
 VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LENGTH QUANTIZE \
         PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE \
-        INPUTS GGUF SYSTEM HOST PORT
+        INPUTS GGUF SYSTEM HOST PORT RECIPE REPORT_TO
 $(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
 
-.PHONY: help setup demo check check-slow train train-resume fuse test test-prompt convert chat serve all \
+.PHONY: help setup demo check check-slow bench train train-resume fuse test test-prompt convert chat serve all \
         merge-data train-merged models clean-output clean
 
 help:
@@ -23,6 +23,7 @@ help:
 	@echo ""
 	@echo "  make demo          set up, then train + convert + test on the built-in model and examples/facts (offline)"
 	@echo "  make check         run the test suite (check-slow: the real-model tests)"
+	@echo "  make bench         training speed against TRL + PEFT, same data and LoRA (CASES=a,b,c)"
 	@echo "  make setup         create $(VENV) and install DonkeyTune"
 	@echo ""
 	@echo "  make train         fine-tune: MODEL= ITERS= BATCH_SIZE= NUM_LAYERS= LR= RANK= DATA_DIR= CONFIG="
@@ -42,7 +43,8 @@ help:
 	@echo "  make train-merged  merge INPUTS into output/merged-data, then train-resume on it (RESUME_FROM=)"
 	@echo "  data tools         $(DT) data check|stats|split|merge|convert --help"
 	@echo ""
-	@echo "Defaults: ITERS=600 BATCH_SIZE=4 NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10 DATA_DIR=data MODEL=smollm2-135m"
+	@echo "Defaults: RECIPE=auto (chosen for the model, data and memory; RECIPE=seed: ITERS=600 BATCH_SIZE=4"
+	@echo "          NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10) DATA_DIR=data MODEL=smollm2-135m"
 	@echo "All options: $(DT) train --help"
 
 $(BIN)/python:
@@ -66,6 +68,13 @@ check: $(VENV)/.installed-test
 
 check-slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	@touch $@
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/bench.py $(if $(CASES),--cases $(CASES))
 
 demo: setup
 	$(DT) train --config examples/facts/demo.yaml

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from . import runinfo
+from . import memory, runinfo
 from .config import ConvertOptions, ExportAdapterOptions, ExportOptions, QuantizeOptions
 from .progress import say, status
 
@@ -37,6 +37,8 @@ def run(opts: ConvertOptions) -> Path:
     full, quant = gguf_paths(opts, run_info)
     if not _fused_is_current(opts):
         fuse.run(opts)
+    memory.check_model_write(opts.fused_dir, opts.gguf_dir, [opts.outtype, opts.quantize],
+                             "the GGUF files")
     timings = []
     t = time.perf_counter()
     with status(f"Exporting {opts.fused_dir} to {full.name}"):
@@ -71,6 +73,7 @@ def _fused_is_current(opts: ConvertOptions) -> bool:
 def run_export(opts: ExportOptions) -> Path:
     from . import gguf  # noqa: PLC0415
 
+    memory.check_model_write(Path(opts.hf_dir), Path(opts.out).parent, [opts.outtype], "the GGUF file")
     with status(f"Exporting {opts.hf_dir} to {opts.out} ({opts.outtype})"):
         out = gguf.export(Path(opts.hf_dir), Path(opts.out), opts.outtype)
     say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")
@@ -80,6 +83,8 @@ def run_export(opts: ExportOptions) -> Path:
 def run_quantize(opts: QuantizeOptions) -> Path:
     from . import quantize  # noqa: PLC0415
 
+    memory.check_model_write(Path(opts.input), Path(opts.output).parent, [opts.type],
+                             "the quantized GGUF")
     with status(f"Quantizing {opts.input} to {opts.type}"):
         out = quantize.quantize(Path(opts.input), Path(opts.output), opts.type)
     say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")

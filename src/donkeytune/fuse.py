@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import device, runinfo
+from . import device, memory, runinfo
 from .config import FuseOptions
 from .errors import ModelError
 from .progress import say, status
@@ -20,6 +20,7 @@ def run(opts: FuseOptions) -> Path:
     base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
                                      allow_pickle=opts.allow_pickle)
     out = opts.fused_dir
+    memory.check_model_write(base_dir, out.parent, [opts.dtype], "the fused model")
     with status(f"Fusing {opts.adapter_dir} into {run_info['base_model']}"):
         # Merge in float32: a small LoRA delta added to bf16 weights would be rounded away.
         base = device.load_model(base_dir, "cpu", torch.float32,

@@ -22,9 +22,15 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f16": 2,
               "q8_0": 34 / 32, "Q8_0": 34 / 32, "F16": 2, "BF16": 2, "Q6_K": 6.56 / 8,
               "Q5_K_M": 5.69 / 8, "Q4_K_M": 4.85 / 8, "Q4_0": 18 / 32}
-# Python + torch + transformers + tokenizer, measured before the model loads (about 0.55 GB on
-# Linux x86 CPU with torch 2.13); on a GPU the CUDA context takes about as much.
-BASELINE = 0.55 * GB
+# Python + torch + transformers + tokenizer + allocator slack: the intercept of peak RSS against
+# batch size for SmolLM2-135M (Linux x86 CPU, torch 2.13). On a GPU the CUDA context is about 0.5 GB.
+BASELINE = 0.7 * GB
+# Activation bytes per token and adapted block, in units of hidden / intermediate size (bf16).
+# The tensors autograd saves come to about 40 x hidden + 8 x intermediate; peak RSS of SmolLM2-135M
+# runs grows twice as fast (temporaries and allocator slack), so the measured slope is used:
+# estimate / peak RSS = 1.13 at batch 2, 1.02 at batch 8 (tests/test_memory.py). CHUNK: headloss.CHUNK.
+ACT_HIDDEN, ACT_INTER = 80, 16
+CHUNK = 2048
 
 
 def count_params(folder: Path) -> int:
@@ -62,18 +68,20 @@ class Estimate:
         return f"{self.total / GB:.2f} GB ({parts})"
 
 
-def estimate_training(cfg: dict, n_params: int, *, batch_size: int, seq_len: int, labelled: int,
-                      num_layers: int, rank: int, dtype_bytes: int = 2, dropout: bool = True,
+def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, num_layers: int,
+                      rank: int, dtype_bytes: int = 2, dropout: bool = True, cached_tokens: int = 0,
                       baseline: float = BASELINE) -> Estimate:
-    """Peak memory of a LoRA training step, from the model's config.json.
+    """Peak memory of a LoRA training step on `tokens` (packed) tokens, from the model's config.
 
     - weights: every parameter in the compute dtype (frozen; no gradient, no optimizer state);
     - LoRA: rank x (in + out) per adapted linear, fp32, x4 for weight, gradient and Adam's two moments;
     - activations, kept for the backward pass in the adapted blocks only (frozen blocks below keep
-      nothing): per token and block, the compute-dtype tensors of a Llama-style block (about
-      12 x hidden + 5 x intermediate) plus PEFT's fp32 copy (and dropout copy) of each adapted
-      linear's input (6 x hidden + intermediate, 4 or 8 bytes);
-    - logits: the LM head runs on labelled positions only: fp32 logits, their softmax and gradient.
+      nothing, and frozen linears keep no input): per token and block, ACT_HIDDEN x hidden +
+      ACT_INTER x intermediate bytes (attention's q, k, v and output, the MLP's gate, up and
+      silu, the RMSNorms' fp32 tensors, the LoRA inputs and dropout masks), plus the frozen
+      blocks' output kept per example by the prefix cache (`cached_tokens`, at most 1 GB);
+    - logits: the LM head runs on labelled positions only, in chunks of CHUNK positions:
+      fp32 logits and probabilities of one chunk (8 bytes a vocabulary entry).
     """
     cfg = cfg.get("text_config", cfg)
     hidden, inter = cfg["hidden_size"], cfg.get("intermediate_size", 4 * cfg["hidden_size"])
@@ -87,25 +95,26 @@ def estimate_training(cfg: dict, n_params: int, *, batch_size: int, seq_len: int
     linears = [(hidden, q_out), (hidden, kv), (hidden, kv), (q_out, hidden),
                (hidden, inter), (hidden, inter), (inter, hidden)]
     lora_params = layers * sum(rank * (i + o) for i, o in linears)
-    tokens = batch_size * seq_len
-    block = (12 * hidden + 5 * inter) * dtype_bytes + (6 * hidden + inter) * (8 if dropout else 4)
+    block = (ACT_HIDDEN * hidden + ACT_INTER * inter) * dtype_bytes / 2
+    if not dropout:
+        block -= 6 * hidden + inter  # no dropout masks (1 byte per LoRA input)
     return Estimate(
         baseline=baseline,
         weights=n_params * dtype_bytes,
         lora=lora_params * 16,
-        activations=tokens * layers * block + tokens * (hidden + inter) * 4,  # + one frozen block's transients
-        logits=labelled * cfg["vocab_size"] * 12,
+        activations=tokens * layers * block + min(cached_tokens * hidden * dtype_bytes, GB),
+        logits=min(labelled, CHUNK) * cfg["vocab_size"] * 8,
     )
 
 
-def longest_batch(items, batch_size: int) -> tuple[int, int]:
-    """(padded length, labelled tokens) of the worst batch: the longest example sets the width,
-    the examples with the most labelled tokens set the LM head's rows."""
+def batch_shape(items, batch_size: int) -> tuple[int, int]:
+    """(tokens, labelled tokens) of the worst batch: packing removes padding, so the
+    BATCH_SIZE longest examples set the tokens, the most-labelled ones the LM head's rows."""
     if not items:
         return 1, 1
-    width = max(len(t.input_ids) for t in items)
-    top = sorted((t.trained_tokens for t in items), reverse=True)
-    return width, sum(top[:batch_size])
+    longest = sorted((len(t.input_ids) for t in items), reverse=True)
+    labelled = sorted((t.trained_tokens for t in items), reverse=True)
+    return sum(longest[:batch_size]), sum(labelled[:batch_size])
 
 
 def available(device: str = "cpu") -> float:
@@ -154,12 +163,14 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
     baseline = BASELINE if device == "cpu" else 0.5 * GB
 
     def estimate(o):
-        width, labelled = longest_batch(train_set, o.batch_size)
-        width = min(width, o.max_seq_length)
-        return estimate_training(cfg, n_params, batch_size=o.batch_size, seq_len=width,
-                                 labelled=labelled, num_layers=o.num_layers, rank=o.rank,
-                                 dtype_bytes=dtype_bytes, dropout=o.dropout > 0, baseline=baseline)
+        tokens, labelled = batch_shape(train_set, o.batch_size)
+        if o.max_seq_length < max((len(t.input_ids) for t in train_set), default=0):
+            tokens = min(tokens, o.batch_size * o.max_seq_length)
+        return estimate_training(cfg, n_params, tokens=tokens, labelled=labelled,
+                                 num_layers=o.num_layers, rank=o.rank, dtype_bytes=dtype_bytes,
+                                 dropout=o.dropout > 0, baseline=baseline, cached_tokens=cached)
 
+    cached = sum(len(t.input_ids) for t in train_set)
     need = estimate(opts)
     if need.total <= limit:
         say(f"Memory: about {need.total / GB:.1f} GB needed, {limit / GB:.1f} GB available")
@@ -212,5 +223,18 @@ def check_disk(folder: Path, need: float, what: str) -> None:
                           "free some disk space, or set OUTPUT_DIR to a disk with room")
 
 
-def file_bytes(n_params: int, kind: str) -> float:
-    return n_params * FILE_BYTES.get(kind, 2)
+def file_bytes(n_params: float, kind: str) -> float:
+    return n_params * FILE_BYTES.get(kind, FILE_BYTES.get(kind.upper(), 2))
+
+
+def check_model_write(source: Path, out: Path, kinds: list[str], what: str) -> None:
+    """Before fuse/export/quantize: room on disk for `source` (an HF folder or a 16-bit GGUF)
+    written once in each of `kinds` (float32, f16, Q4_K_M, ...)."""
+    source = Path(source)
+    if source.is_dir():
+        need = sum(file_bytes(count_params(source), k) for k in kinds)
+    elif source.is_file():  # a 16-bit GGUF to quantize: its size, scaled to the target type
+        need = sum(file_bytes(source.stat().st_size / 2, k) for k in kinds)
+    else:
+        return  # the stage itself says what is missing
+    check_disk(out, need, what)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,7 +51,7 @@ def run(opts: TrainOptions) -> Path:
     train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
     valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
     opts = memory.check_training(opts, folder, train_set, dev, dtype.itemsize,
-                                 auto=opts.recipe == "auto")  # will it fit? said before loading
+                                 auto=opts.recipe == "auto" and not checkpoint)  # said before loading
     _print_plan(opts, train_set, valid_set)
 
     torch.manual_seed(opts.seed)
@@ -60,8 +61,11 @@ def run(opts: TrainOptions) -> Path:
         load_adapter_weights(model, resume)
     model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0, fused=dev in ("cpu", "cuda"))
+    cache = prefix_cache(model)
     start = restore_checkpoint(checkpoint, model, optimizer) if checkpoint else 0
+    if cache and start:
+        refill_prefix_cache(cache, model, train_set, opts, tok.pad_token_id, dev, start)
 
     meta = runinfo.run_record(
         "train", opts, base_model=opts.model or "smollm2-135m", base_model_path=str(folder),
@@ -74,7 +78,7 @@ def run(opts: TrainOptions) -> Path:
 
     def step(batch):
         model.train()
-        loss, ntok = batch_loss(model, batch, dev)
+        loss, ntok = batch_loss(model, batch, dev, cache)
         value = loss.item() / ntok
         if not math.isfinite(value):  # stop before the update: the saved adapter stays good
             raise Diverged(f"the loss became {value}; training stopped, the last checkpoint "
@@ -83,10 +87,10 @@ def run(opts: TrainOptions) -> Path:
         (loss / ntok).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return value, sum(map(sum, batch[1]))  # tokens/sec counts every non-pad token
+        return value, batch.tokens  # tokens/sec counts every non-pad token
 
     def evaluate():
-        return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev)
+        return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev, cache)
 
     def save(it: int, final: bool = False):
         save_adapter(model, opts.adapter_dir, dict(meta, iteration=it, complete=final),
@@ -298,7 +302,9 @@ def metrics_file(opts: TrainOptions) -> Path:
 def add_lora(model, opts: TrainOptions):
     """Wrap `model` in PEFT LoRA on every linear layer of the last NUM_LAYERS blocks."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
+    opts = recipe.seed_filled(opts)  # called without run() (Python users, tests): the seed's values
     n_blocks = model.config.get_text_config().num_hidden_layers
     n = n_blocks if opts.num_layers == -1 else opts.num_layers
     if n > n_blocks:
@@ -308,7 +314,40 @@ def add_lora(model, opts: TrainOptions):
                         target_modules=block_linear_names(model),
                         layers_to_transform=list(range(n_blocks - n, n_blocks)),
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    # Under autocast the LoRA matmuls take bf16 inputs as they are; PEFT would copy them to fp32.
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+    return model
+
+
+def prefix_cache(model):
+    """Reuse of the frozen blocks' outputs across epochs; None when every block trains."""
+    from .prefixcache import PrefixCache  # noqa: PLC0415
+
+    decoder = model.get_base_model().get_decoder()
+    first = next(i for i, layer in enumerate(decoder.layers)
+                 if any(p.requires_grad for p in layer.parameters()))
+    return PrefixCache(decoder, first) if first > 0 else None
+
+
+def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int, dev, start: int):
+    """Recompute the kept frozen-block outputs as the interrupted run computed them: with
+    the batches of its first epoch, in order."""
+    import torch  # noqa: PLC0415
+
+    causal = model.get_base_model()
+    low = causal.dtype if causal.dtype != torch.float32 else None
+    steps = min(start, max(len(train_set) // opts.batch_size, 1))
+    first_epoch = data.batches(train_set, opts.batch_size, opts.seed, pad_id)
+    with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=low, enabled=low is not None):
+        for _ in range(steps):
+            batch = next(first_epoch)
+            ids = torch.tensor(batch.input_ids, device=dev)
+            pos = torch.tensor(batch.position_ids, device=dev)
+            cache.fill(batch.segments, ids.shape, lambda: causal.get_decoder()(
+                input_ids=ids, position_ids=pos, use_cache=False))
 
 
 def block_linear_names(model) -> list[str]:
@@ -320,28 +359,33 @@ def block_linear_names(model) -> list[str]:
                    if isinstance(mod, torch.nn.Linear)})
 
 
-def batch_loss(model, batch, dev):
-    """Summed cross-entropy over the labelled tokens of a batch, and their count.
+def batch_loss(model, batch: data.Batch, dev, cache=None):
+    """Summed cross-entropy over the labelled tokens of a packed batch, and their count.
 
-    The LM head runs only on positions that carry a label: most of a chat is prompt,
-    and the vocabulary-wide logits are the largest tensor of the step.
+    The blocks run in the base model's dtype (bf16 where the hardware has it) under
+    autocast, so the fp32 LoRA weights meet bf16 activations without copying them to
+    fp32. The LM head runs only on labelled positions, through a chunked loss that never
+    keeps the vocabulary-wide logits.
     """
     import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
 
-    ids, mask, labels = (torch.tensor(x, device=dev) for x in batch)
+    from .headloss import head_loss  # noqa: PLC0415
+
+    ids, pos, labels = (torch.tensor(x, device=dev) for x in
+                        (batch.input_ids, batch.position_ids, batch.labels))
     causal = model.get_base_model()
-    hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    low = causal.dtype if causal.dtype != torch.float32 else None
+    replay = cache.batch(batch.segments, ids.shape) if cache else contextlib.nullcontext()
+    with torch.autocast(torch.device(dev).type, dtype=low, enabled=low is not None), replay:
+        hidden = causal.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != data.IGNORE
-    logits = causal.get_output_embeddings()(hidden[:, :-1][keep]).float()
     cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    loss = head_loss(hidden[:, :-1][keep], causal.get_output_embeddings().weight, targets[keep], cap)
+    return loss, int(keep.sum())
 
 
-def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev) -> float:
+def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev, cache=None) -> float:
     import torch  # noqa: PLC0415
 
     model.eval()
@@ -350,7 +394,8 @@ def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev) -> float:
         for b, start in enumerate(range(0, len(items), batch_size)):
             if max_batches != -1 and b >= max_batches:
                 break
-            loss, ntok = batch_loss(model, data.collate(items[start:start + batch_size], pad_id), dev)
+            batch = data.collate(items[start:start + batch_size], pad_id)
+            loss, ntok = batch_loss(model, batch, dev, cache)
             total += loss.item()
             count += ntok
     return total / max(count, 1)

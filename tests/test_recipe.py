@@ -1,0 +1,97 @@
+"""Recipes: the seed's size table, memory limits, ITERS from the data, and the flags-win rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from donkeytune import config, recipe
+from donkeytune.config import TrainOptions
+from donkeytune.errors import ConfigError
+
+GB = 1e9
+PLENTY = 1000 * GB
+
+
+def cfg(hidden=2048, inter=8192, layers=36, heads=16, kv=8, vocab=151936):
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
+
+
+def options(**flags) -> TrainOptions:
+    return config.resolve(TrainOptions, flags, environ={})
+
+
+# params (billions) -> the seed's BATCH_SIZE, NUM_LAYERS, RANK, and auto's LR (LR x SCALE 2)
+@pytest.mark.parametrize("params_b, want", [
+    (0.135, (4, 8, 8, 2e-4)),
+    (0.5, (4, 8, 8, 2e-4)),
+    (1.5, (4, 8, 8, 1e-4)),
+    (3.0, (2, 4, 8, 1e-4)),
+    (4.0, (1, 4, 8, 5e-5)),
+    (8.0, (1, 2, 4, 5e-5)),
+])
+def test_auto_follows_the_seed_table_by_size(params_b, want):
+    values, reasons = recipe.choose(options(), cfg(), 1000, PLENTY, params=int(params_b * 1e9))
+    assert (values["batch_size"], values["num_layers"], values["rank"]) == want[:3]
+    assert values["lr"] == pytest.approx(want[3]) and values["scale"] == 2.0
+    assert "seed table" in reasons["batch_size"]
+
+
+def test_auto_shrinks_to_the_memory_there_is():
+    big = dict(params=int(1.5e9))
+    roomy, _ = recipe.choose(options(), cfg(), 1000, PLENTY, **big)
+    assert roomy["batch_size"] == 4
+    # weights alone are 3 GB in bf16: 4.5 GB leaves room for a smaller batch only
+    tight, why = recipe.choose(options(), cfg(), 1000, 4.5 * GB, **big)
+    assert tight["batch_size"] < 4 and "halved to fit 4.5 GB" in why["batch_size"]
+    tighter, why = recipe.choose(options(), cfg(), 1000, 3.9 * GB, **big)
+    assert tighter["batch_size"] == 1 and tighter["num_layers"] < 8 and "halved" in why["num_layers"]
+
+
+@pytest.mark.parametrize("examples, iters", [(160, 320), (2000, 1500), (100_000, 5000), (5, 50)])
+def test_iters_come_from_the_number_of_examples(examples, iters):
+    values, reasons = recipe.choose(options(), cfg(), examples, PLENTY, params=int(0.5e9))
+    assert values["iters"] == iters and f"of {examples} examples" in reasons["iters"]
+
+
+def test_what_the_user_sets_wins():
+    # setting none of the five: auto; setting one: the seed's defaults fill the rest
+    assert recipe.pick_recipe(options()) == "auto"
+    assert recipe.pick_recipe(options(lr=3e-4)) == "seed"
+    values, reasons = recipe.choose(options(lr=3e-4), cfg(), 160, PLENTY, params=int(0.5e9))
+    assert values == dict(config.SEED_RECIPE, lr=3e-4) and reasons["lr"] == "given"
+    # an explicit auto keeps the user's value and chooses the rest
+    values, reasons = recipe.choose(options(recipe="auto", batch_size=2, scale=4.0), cfg(), 160,
+                                    PLENTY, params=int(0.5e9))
+    assert values["batch_size"] == 2 and values["scale"] == 4.0 and values["lr"] == 2e-4
+    assert values["iters"] == 640  # 8 epochs at the user's batch size
+    assert reasons["batch_size"] == reasons["scale"] == "given"
+    # ALPHA gives the scale once the rank is known
+    values, _ = recipe.choose(options(alpha=32.0), cfg(), 160, PLENTY, params=int(0.5e9))
+    assert values["scale"] == 4.0
+
+
+def test_recipe_none_needs_every_value():
+    with pytest.raises(ConfigError, match="--recipe none: ITERS, BATCH_SIZE, .* not given"):
+        recipe.choose(options(recipe="none", lr=1e-4), cfg(), 160, PLENTY)
+    given = dict(iters=5, batch_size=1, num_layers=2, lr=1e-4, rank=4, scale=1.0)
+    values, _ = recipe.choose(options(recipe="none", **given), cfg(), 160, PLENTY)
+    assert values == given
+
+
+def test_resolve_fills_and_prints_once(tiny_model, capsys):
+    folder = tiny_model("llama")
+    resolved = recipe.resolve(options(), folder, 40)
+    err = capsys.readouterr().err
+    assert "Recipe auto" in err and "ITERS       80" in err and "8 epochs of 40 examples" in err
+    assert (resolved.iters, resolved.lr, resolved.scale, resolved.recipe) == (80, 2e-4, 2.0, "auto")
+    assert resolved.num_layers == 3  # the seed table's 8, but the tiny model has 3 blocks
+    # a resumed run's recorded options are complete: kept as they are, nothing printed
+    again = recipe.resolve(resolved, folder, 40)
+    assert again == resolved and capsys.readouterr().err == ""
+
+
+def test_seed_filled_for_direct_callers():
+    o = recipe.seed_filled(options(rank=4))
+    assert (o.iters, o.rank, o.scale, o.lora_alpha) == (600, 4, 10.0, 40.0)
+    assert recipe.seed_filled(options(alpha=16.0)).scale == 2.0

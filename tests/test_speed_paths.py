@@ -1,0 +1,102 @@
+"""The fast training path computes what the plain one does: packing, frozen-prefix reuse,
+the chunked LM-head loss, and bf16 compute against a float32 reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_jsonl
+from donkeytune import config, data, device, train
+from donkeytune.headloss import head_loss
+
+CHATS = [[{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": f"Tell me fact number {i}, please{'!' * i}"},
+          {"role": "assistant", "content": f"Fact {i}: the number {i * 7} is {'odd' if i % 2 else 'even'}."}]
+         for i in range(12)]
+
+
+def lora_model(model_dir, dtype=torch.float32, num_layers=2):
+    opts = config.resolve(config.TrainOptions, dict(iters=1, batch_size=4, num_layers=num_layers, rank=4,
+                                                    lr=1e-3, dropout=0.0), environ={})
+    model = train.add_lora(device.load_model(model_dir, "cpu", dtype), opts)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def items_for(model_dir):
+    tok = device.load_tokenizer(model_dir)
+    return [data.tokenize(tok, m) for m in CHATS], tok.pad_token_id
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_packed_examples_do_not_see_each_other(arch, tiny_model):
+    """One packed row of 12 examples gives the loss of the 12 examples run one by one."""
+    model = lora_model(tiny_model(arch))
+    items, pad = items_for(tiny_model(arch))
+    with torch.no_grad():
+        alone = sum(train.batch_loss(model, data.collate([x], pad), "cpu")[0].item() for x in items)
+        packed_batch = data.collate(items, pad)
+        packed = train.batch_loss(model, packed_batch, "cpu")[0].item()
+    assert len(packed_batch.input_ids) == 1  # really packed into one row
+    assert packed == pytest.approx(alone, rel=1e-5)
+
+
+def test_prefix_cache_replays_the_frozen_blocks(tiny_model):
+    model = lora_model(tiny_model("llama"), num_layers=1)
+    items, pad = items_for(tiny_model("llama"))
+    cache = train.prefix_cache(model)
+    with torch.no_grad():
+        first = [train.batch_loss(model, data.collate(items[i:i + 4], pad), "cpu", cache)[0].item()
+                 for i in range(0, 12, 4)]
+        assert len(cache.store) == 12
+        # other groupings, served from the cache, against no cache at all
+        regrouped = [data.collate(items[i:i + 3], pad) for i in range(0, 12, 3)]
+        cached = [train.batch_loss(model, b, "cpu", cache)[0].item() for b in regrouped]
+        plain = [train.batch_loss(model, b, "cpu")[0].item() for b in regrouped]
+    assert cached == pytest.approx(plain, rel=1e-5)
+    assert sum(first) == pytest.approx(sum(plain), rel=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_head_loss_matches_cross_entropy(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(5000, 32, requires_grad=True)  # more than one chunk
+    weight = torch.randn(300, 32) * 0.3
+    targets = torch.randint(0, 300, (5000,))
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = F.cross_entropy(logits, targets, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    got = head_loss(hidden, weight, targets, softcap)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(got_grad, want_grad, atol=1e-5)
+
+
+def test_bf16_loss_curve_follows_the_float32_reference(tiny_model, tmp_path):
+    """50 steps, dropout off: our fast path (bf16 base, autocast, packing, prefix reuse) stays
+    within 2% (smoothed over 5 steps) of a float32 run of the same loop on the same batches."""
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"messages": m} for m in CHATS])
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train.run(config.resolve(config.TrainOptions, dict(
+            model=str(tiny_model("llama")), data_dir=str(tmp_path / "data"), output_dir=str(out),
+            iters=50, batch_size=4, num_layers=2, lr=3e-3, dropout=0.0, dtype=dtype,
+            steps_per_report=10, save_every=100), environ={}))
+        rows = [json.loads(x) for x in (out / "report" / "metrics.jsonl").read_text().splitlines()]
+        curves[dtype] = [r["step_loss"] for r in rows if "step_loss" in r]
+    ref, fast = curves["float32"], curves["bfloat16"]
+    assert len(ref) == len(fast) == 50
+    assert ref[-1] < 0.8 * ref[0]  # it learns
+    for i in range(4, 50):
+        r, f = sum(ref[i - 4:i + 1]) / 5, sum(fast[i - 4:i + 1]) / 5
+        assert abs(f - r) / r <= 0.02, (i, r, f)
