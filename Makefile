@@ -80,6 +80,7 @@ demo: setup
 	$(DT) train --config examples/facts/demo.yaml
 	$(DT) convert
 	$(DT) test --num-prompts -1 --max-tokens 60
+	@$(DT) summary
 
 train: setup
 	$(DT) train
@@ -111,6 +112,7 @@ all: setup
 	$(DT) train
 	$(DT) convert
 	$(DT) test
+	@$(DT) summary
 
 test-prompt: setup
 	@test -n "$(PROMPT)" || { echo 'error: set PROMPT="your question"'; exit 2; }

@@ -66,6 +66,12 @@ def _serve(opts):
     return serve.run(opts)
 
 
+def _summary(opts):
+    from . import summary  # noqa: PLC0415
+
+    return summary.run(opts)
+
+
 def _models(_opts):
     from . import report  # noqa: PLC0415
 
@@ -115,6 +121,7 @@ COMMANDS = {
     "chat": (config.ChatOptions, _chat, "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
     "serve": (config.ServeOptions, _serve,
               "OpenAI-compatible HTTP server for the GGUF (/v1/models, /v1/chat/completions)"),
+    "summary": (config.ModelOptions, _summary, "what the last run produced and how to use it"),
     "models": (None, _models, "list the built-in and tested models, and which fit here"),
     "doctor": (None, _doctor, "versions, compute device, memory, disk, and the largest model that fits"),
     "data": (None, DATA_COMMANDS, "check, inspect, split, merge and convert datasets"),

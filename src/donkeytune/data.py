@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import formats
-from .errors import DataError
+from .errors import DataError, ModelError
 from .progress import warn
 
 IGNORE = -100  # label of tokens the loss skips
@@ -330,8 +330,19 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    """The model's chat template applied to `messages` (transformers renders it in a sandbox)."""
+    import jinja2  # noqa: PLC0415
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.SecurityError as e:
+        raise ModelError(f"the model's chat template tried something unsafe and was stopped: {e}",
+                         "use a model whose tokenizer_config.json / chat_template.jinja you trust") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise ModelError(f"the model's chat template failed on a conversation: {e}",
+                         "check the roles of the conversation (some templates require "
+                         "user/assistant alternation), or fix the template") from None
 
 
 def tokenize(tokenizer, messages: list[dict], train_on_prompt: bool = False,

@@ -45,8 +45,10 @@ def run(opts: TestOptions) -> list[dict]:
     gguf_file = None if opts.adapter else _converted_gguf(opts)
     if gguf_file:
         answer_tuned, answer_base = _gguf_answerers(gguf_file, base_dir, opts)
+        engine = f"llama.cpp, {gguf_file.name}"
     else:
         answer_tuned, answer_base = _torch_answerers(base_dir, run_info, opts)
+        engine = "torch, base + adapter"
     results = []
     for p in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -57,7 +59,9 @@ def run(opts: TestOptions) -> list[dict]:
             row["base"] = answer_base(messages)
         results.append(row)
         show(row)
-    summarize(results)
+    counts = summarize(results)
+    runinfo.write_json(Path(opts.output_dir) / "report" / "test.json",
+                       dict(engine=engine, results=results, **counts))
     return results
 
 
@@ -161,12 +165,16 @@ def show(row: dict) -> None:
     print(f"  fine-tuned: {row['finetuned']}{mark}", flush=True)
 
 
-def summarize(results: list[dict]) -> None:
+def summarize(results: list[dict]) -> dict:
+    """Print and return how often the expected keyword is in the answers."""
     scored = [r for r in results if r["keyword"]]
     if not scored:
-        return
-    tuned = sum(hit(r["finetuned"], r["keyword"]) for r in scored)
-    line = f"\nKeywords found: fine-tuned {tuned}/{len(scored)}"
+        return {}
+    counts = {"keywords_total": len(scored),
+              "keywords_finetuned": sum(hit(r["finetuned"], r["keyword"]) for r in scored)}
+    line = f"\nKeywords found: fine-tuned {counts['keywords_finetuned']}/{len(scored)}"
     if all("base" in r for r in scored):
-        line += f", base {sum(hit(r['base'], r['keyword']) for r in scored)}/{len(scored)}"
+        counts["keywords_base"] = sum(hit(r["base"], r["keyword"]) for r in scored)
+        line += f", base {counts['keywords_base']}/{len(scored)}"
     say(line)
+    return counts

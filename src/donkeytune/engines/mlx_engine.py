@@ -1,0 +1,258 @@
+"""The MLX engine (Apple Silicon): mlx-lm's LoRA layers and Adam, with our data, loop and files.
+
+train.run hands over here once the data, recipe and model are resolved. The adapter is
+written as PEFT writes it, so fuse, export-adapter, convert and test never ask which engine
+trained: mlx-lm computes base(x) + scale * (x @ lora_a) @ lora_b with lora_a (in, r) and
+lora_b (r, out); PEFT computes base(x) + lora_alpha / r * lora_B(lora_A(x)) with lora_A
+(r, in) and lora_B (out, r). So lora_A = lora_a.T, lora_B = lora_b.T, lora_alpha = scale * r.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from .. import data, device, memory, report, runinfo, train
+from ..config import TrainOptions
+from ..errors import ConfigError, ModelError
+from ..progress import say
+from . import MLX_INSTALL, MLX_STATE_FILE, apple_silicon
+
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+except ImportError as e:
+    raise ConfigError(f"the MLX engine needs mlx and mlx-lm ({e})", MLX_INSTALL) from e
+
+PEFT_PREFIX = "base_model.model."  # PEFT's names: base_model.model.<HF module path>.lora_A.weight
+TO_PEFT = {"lora_a": "lora_A", "lora_b": "lora_B"}
+
+
+def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: Path | None = None,
+        resume: Path | None = None) -> Path:
+    """Train a LoRA adapter with MLX; returns the adapter folder (output/adapters)."""
+    tok = device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code)
+    train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
+    valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
+    opts = memory.check_training(opts, folder, train_set, "mps" if apple_silicon() else "cpu",
+                                 4 if opts.dtype == "float32" else 2,
+                                 auto=opts.recipe == "auto" and not checkpoint)
+    train._print_plan(opts, train_set, valid_set)
+
+    if opts.device == "cpu":
+        mx.set_default_device(mx.cpu)
+    mx.random.seed(opts.seed)
+    model = lora_model(folder, opts)
+    check_names(model, folder)
+    if resume:
+        load_adapter_weights(model, resume)
+    n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    say(f"MLX engine ({mx.default_device()}): {n_params:,} trainable LoRA parameters")
+    optimizer = optim.Adam(learning_rate=opts.lr, bias_correction=True)  # = torch AdamW, no decay
+    optimizer.init(model.trainable_parameters())
+    start = restore_checkpoint(checkpoint, model, optimizer) if checkpoint else 0
+
+    meta = runinfo.run_record(
+        "train", opts, base_model=opts.model or "smollm2-135m", base_model_path=str(folder),
+        base_fingerprint=runinfo.model_fingerprint(folder), data_dir=str(opts.data_dir),
+        data_fingerprint=dataset.fingerprint, system_prompt=dataset.system_prompt,
+        resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
+        train_examples=len(train_set), valid_examples=len(valid_set), engine="mlx")
+    meta["versions"].update(mlx=version("mlx"), mlx_lm=version("mlx-lm"))
+    pad = tok.pad_token_id
+    batches = data.batches(train_set, opts.batch_size, opts.seed, pad, start_step=start)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    done = [start]
+
+    def step(batch):
+        done[0] += 1
+        model.train()
+        mx.random.seed(opts.seed * 1_000_003 + done[0])  # dropout per step: a resumed run redraws it
+        (loss, _), grads = loss_and_grad(model, *rows(batch, pad))
+        value = loss.item()
+        if not math.isfinite(value):  # stop before the update: the saved adapter stays good
+            raise train.Diverged(f"the loss became {value}; training stopped, the last checkpoint "
+                                 f"in {opts.adapter_dir} is kept",
+                                 f"lower LR (now {opts.lr:g}; try {opts.lr / 4:g}) and resume or restart")
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        return value, batch.tokens
+
+    def evaluate():
+        model.eval()
+        total, count = 0.0, 0
+        for b, i in enumerate(range(0, len(valid_set), opts.batch_size)):
+            if opts.val_batches != -1 and b >= opts.val_batches:
+                break
+            loss, ntok = loss_fn(model, *rows(data.collate(valid_set[i:i + opts.batch_size], pad), pad))
+            total += loss.item() * ntok.item()
+            count += ntok.item()
+        return total / max(count, 1)
+
+    adapter = PeftAdapter(model, peft_config(model, opts, folder))
+
+    def save(it: int, final: bool = False):
+        train.save_adapter(adapter, opts.adapter_dir, dict(meta, iteration=it, complete=final),
+                           checkpoint=None if final else it)
+        if not final:  # the state file comes last: only then is the folder a checkpoint
+            save_state(opts.adapter_dir / "checkpoints" / f"{it:07d}", it, optimizer)
+        train.prune_checkpoints(opts.adapter_dir, opts.keep)
+
+    reporter = train.Reporter(opts.iters, "mlx", train.metrics_file(opts), start)
+    train.loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
+    say(f"Adapter saved to {opts.adapter_dir}/ ({train.ADAPTER_FILE}, {train.SEED_ADAPTER_FILE})")
+    report.finish(opts, meta)
+    return opts.adapter_dir
+
+
+# ---------------------------------------------------------------- model and loss
+
+def lora_model(folder: Path, opts: TrainOptions):
+    """The base model in mlx-lm, frozen, with mlx-lm's LoRA on every linear layer of the last
+    NUM_LAYERS blocks (the layers the torch engine adapts)."""
+    model, _ = load_model(Path(folder), trust_remote_code=opts.trust_remote_code)
+    if opts.dtype != "auto":  # auto: as stored
+        model.set_dtype(getattr(mx, opts.dtype))
+    model.freeze()
+    n_blocks = len(model.layers)
+    n = n_blocks if opts.num_layers == -1 else opts.num_layers
+    if n > n_blocks:
+        raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
+                          f"use NUM_LAYERS={n_blocks} or -1 (all)")
+    linear_to_lora_layers(model, n, dict(rank=opts.rank, scale=opts.scale, dropout=opts.dropout,
+                                         keys=block_linear_keys(model)))
+    return model
+
+
+def block_linear_keys(model) -> list[str]:
+    """Paths of the linear layers inside a block (self_attn.q_proj, ..., mlp.down_proj)."""
+    return sorted(k for k, m in model.layers[0].named_modules()
+                  if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+
+
+def rows(batch: data.Batch, pad_id: int):
+    """(input ids, labels) with one right-padded row per example: mlx-lm's models take no
+    position ids, so the examples data.collate packed into shared rows are taken apart."""
+    examples = [(batch.input_ids[r][s:s + n], batch.labels[r][s:s + n]) for _, r, s, n in batch.segments]
+    width = max(len(ids) for ids, _ in examples)
+    ids = [x + [pad_id] * (width - len(x)) for x, _ in examples]
+    labels = [y + [data.IGNORE] * (width - len(y)) for _, y in examples]
+    return mx.array(ids), mx.array(labels)
+
+
+def loss_fn(model, ids, labels):
+    """Mean cross-entropy over the labelled tokens (the assistant's unless --train-on-prompt)
+    and their count; labels[k] is the target of position k - 1, as data.collate writes them."""
+    logits = model(ids[:, :-1]).astype(mx.float32)
+    targets = labels[:, 1:]
+    keep = targets != data.IGNORE
+    ce = nn.losses.cross_entropy(logits, mx.where(keep, targets, 0)) * keep
+    ntok = keep.sum()
+    return ce.sum() / mx.maximum(ntok, 1), ntok
+
+
+# ---------------------------------------------------------------- the PEFT adapter
+
+def peft_config(model, opts: TrainOptions, folder: Path):
+    """The LoraConfig PEFT would have written for the same layers."""
+    from peft import LoraConfig  # noqa: PLC0415
+
+    n_blocks = len(model.layers)
+    n = n_blocks if opts.num_layers == -1 else opts.num_layers
+    return LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
+                      target_modules=sorted({k.rsplit(".", 1)[-1] for k in block_linear_keys(model)}),
+                      layers_to_transform=list(range(n_blocks - n, n_blocks)), task_type="CAUSAL_LM",
+                      base_model_name_or_path=str(folder), inference_mode=True)
+
+
+def to_peft(model) -> dict:
+    """The LoRA weights under PEFT's names and shapes, float32 numpy."""
+    out = {}
+    for name, value in tree_flatten(model.trainable_parameters()):
+        module, kind = name.rsplit(".", 1)
+        weight = np.array(value.astype(mx.float32)).T
+        out[f"{PEFT_PREFIX}{module}.{TO_PEFT[kind]}.weight"] = np.ascontiguousarray(weight)
+    return out
+
+
+@dataclass
+class PeftAdapter:
+    """What train.save_adapter asks of a model: save_pretrained writing PEFT's two files."""
+
+    model: object
+    config: object  # peft.LoraConfig
+
+    def save_pretrained(self, folder: Path) -> None:
+        from safetensors.numpy import save_file  # noqa: PLC0415
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(to_peft(self.model), folder / train.ADAPTER_FILE, metadata={"format": "pt"})
+        self.config.save_pretrained(folder)
+
+
+def load_adapter_weights(model, source: Path) -> None:
+    """Put a PEFT adapter file (written by either engine) into the model's LoRA layers."""
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    want = dict(tree_flatten(model.trainable_parameters()))
+    got, unexpected = {}, []
+    for key, value in load_file(source).items():
+        module, kind, _ = key.removeprefix(PEFT_PREFIX).rsplit(".", 2)
+        name = f"{module}.{kind.lower()}"
+        if name in want and want[name].shape == value.T.shape:
+            got[name] = mx.array(np.ascontiguousarray(value.T)).astype(want[name].dtype)
+        else:
+            unexpected.append(key)
+    missing = set(want) - set(got)
+    if missing or unexpected:
+        raise ModelError(f"{source} does not fit this model's LoRA layers "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+                         "resume with the NUM_LAYERS and RANK the adapter was trained with")
+    model.load_weights(list(got.items()), strict=False)
+    say(f"Resuming from the adapter weights in {source}")
+
+
+def check_names(model, folder: Path) -> None:
+    """Every adapted layer must have its weight under the same name in the HF checkpoint, or
+    fuse and convert could not place the adapter."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    names = set()
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(f, "np") as st:
+            names.update(st.keys())
+    modules = {k.rsplit(".", 1)[0] for k, _ in tree_flatten(model.trainable_parameters())}
+    stray = sorted(m for m in modules if f"{m}.weight" not in names)
+    if stray:
+        raise ModelError(f"mlx-lm names this model's layers differently from its checkpoint "
+                         f"({stray[0]}.weight not found): the adapter would not fit the base model",
+                         "train it with ENGINE=torch")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_state(folder: Path, it: int, optimizer) -> None:
+    """The optimizer state (Adam moments and step) as safetensors, written atomically."""
+    tmp = folder / f".{MLX_STATE_FILE}.partial.safetensors"
+    mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)), metadata={"iteration": str(it)})
+    tmp.replace(folder / MLX_STATE_FILE)
+
+
+def restore_checkpoint(folder: Path, model, optimizer) -> int:
+    load_adapter_weights(model, folder / train.ADAPTER_FILE)
+    arrays, meta = mx.load(str(folder / MLX_STATE_FILE), return_metadata=True)
+    names = {k for k, _ in tree_flatten(optimizer.state)}
+    if names != set(arrays):
+        raise ModelError(f"{folder / MLX_STATE_FILE} does not fit this run's optimizer",
+                         "start over with --force")
+    optimizer.state = tree_map_with_path(lambda path, _: arrays[path], optimizer.state)
+    it = int(meta["iteration"])
+    say(f"Resuming at iteration {it} from {folder}")
+    return it
