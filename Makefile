@@ -9,10 +9,14 @@ DT := $(BIN)/donkeytune
 # torch 2.13.0: on Linux x86_64 machines of our kind pip takes the CPU build that lies on disk.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# On Apple Silicon setup also installs the MLX engine (ENGINE=auto then trains with it).
+ifeq ($(shell uname -s)/$(shell uname -m),Darwin/arm64)
+SETUP_EXTRAS := [mlx]
+endif
 
 VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LENGTH QUANTIZE \
         PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE \
-        INPUTS GGUF SYSTEM HOST PORT RECIPE REPORT_TO
+        INPUTS GGUF SYSTEM HOST PORT RECIPE REPORT_TO ENGINE
 $(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
 
 .PHONY: help setup demo check check-slow bench train train-resume fuse test test-prompt convert chat serve all \
@@ -53,7 +57,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".$(SETUP_EXTRAS)"
 	@touch $@
 
 setup: $(VENV)/.installed

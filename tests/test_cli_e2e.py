@@ -67,6 +67,15 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
     assert f"Testing the GGUF {gguf_dir / (name + '-finetuned-Q8_0.gguf')} in llama.cpp" in p.stderr
     assert p.stdout.count("Q: ") == 1 and p.stdout.count("base:") == 1
 
+    # the summary that ends `make demo` / `make all`: what, where, how to run it, the answers
+    p = run("summary", "--output-dir", str(out))
+    assert p.returncode == 0, p.stderr
+    for text in (f"Trained   {tiny_model('llama')} on {data} (8 examples): 4 iterations x 4",
+                 f"GGUF      {gguf_dir / (name + '-finetuned-Q8_0.gguf')}",
+                 f"ollama create {name}-finetuned -f {gguf_dir / 'Modelfile'}",
+                 f"Answers (llama.cpp, {name}-finetuned-Q8_0.gguf):", "Q: Say the word number 0."):
+        assert text in p.stdout, text
+
     p = run("export-adapter", str(out / "adapters"), str(tmp_path / "lora.gguf"))
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "lora.gguf").stat().st_size > 0

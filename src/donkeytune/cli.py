@@ -12,85 +12,21 @@ from . import __version__, config
 from .errors import DonkeyError
 
 
-def _train(opts):
-    from . import train  # noqa: PLC0415 - stages import torch: load them only when run
+def _stage(module: str, function: str = "run"):
+    """The stage function `module.function`, imported when the command runs: stages import
+    torch or llama.cpp, which `--help` should not wait for."""
 
-    return train.run(opts)
+    def run(opts):
+        import importlib  # noqa: PLC0415
 
+        fn = getattr(importlib.import_module(f".{module}", __package__), function)
+        return fn(opts) if opts is not None else fn()
 
-def _fuse(opts):
-    from . import fuse  # noqa: PLC0415
-
-    return fuse.run(opts)
-
-
-def _test(opts):
-    from . import infer  # noqa: PLC0415
-
-    return infer.run(opts)
-
-
-def _convert(opts):
-    from . import convert  # noqa: PLC0415
-
-    return convert.run(opts)
-
-
-def _export(opts):
-    from . import convert  # noqa: PLC0415
-
-    return convert.run_export(opts)
-
-
-def _quantize(opts):
-    from . import convert  # noqa: PLC0415
-
-    return convert.run_quantize(opts)
-
-
-def _export_adapter(opts):
-    from . import convert  # noqa: PLC0415
-
-    return convert.run_export_adapter(opts)
-
-
-def _chat(opts):
-    from . import chat  # noqa: PLC0415
-
-    return chat.run(opts)
-
-
-def _serve(opts):
-    from . import serve  # noqa: PLC0415
-
-    return serve.run(opts)
-
-
-def _summary(opts):
-    from . import summary  # noqa: PLC0415
-
-    return summary.run(opts)
-
-
-def _models(_opts):
-    from . import report  # noqa: PLC0415
-
-    report.print_models()
-
-
-def _doctor(_opts):
-    from . import doctor  # noqa: PLC0415
-
-    return doctor.run()
+    return run
 
 
 def _data(name: str):
-    def run(opts):
-        from . import datatools  # noqa: PLC0415
-
-        return getattr(datatools, name)(opts)
-
-    return run
+    return _stage("datatools", name)
 
 
 # `donkeytune data NAME`: check and stats return the exit status (1 = warnings, 2 = errors)
@@ -109,21 +45,29 @@ DATA_COMMANDS = {
 
 # name -> (options class, stage function, help); a table instead of a function is a group
 COMMANDS = {
-    "train": (config.TrainOptions, _train, "fine-tune a LoRA adapter on DATA_DIR"),
-    "fuse": (config.FuseOptions, _fuse, "merge the adapter into the base weights (output/fused)"),
-    "test": (config.TestOptions, _test, "answer prompts with the base and the fine-tuned model"),
-    "convert": (config.ConvertOptions, _convert,
+    "train": (config.TrainOptions, _stage("train"), "fine-tune a LoRA adapter on DATA_DIR"),
+    "fuse": (config.FuseOptions, _stage("fuse"),
+             "merge the adapter into the base weights (output/fused)"),
+    "test": (config.TestOptions, _stage("infer"),
+             "answer prompts with the base and the fine-tuned model"),
+    "convert": (config.ConvertOptions, _stage("convert"),
                 "fuse + export to GGUF + quantize with llama.cpp (output/gguf)"),
-    "export": (config.ExportOptions, _export, "any supported HF model folder -> GGUF"),
-    "quantize": (config.QuantizeOptions, _quantize, "GGUF (f32/f16/bf16) -> quantized GGUF"),
-    "export-adapter": (config.ExportAdapterOptions, _export_adapter,
+    "export": (config.ExportOptions, _stage("convert", "run_export"),
+               "any supported HF model folder -> GGUF"),
+    "quantize": (config.QuantizeOptions, _stage("convert", "run_quantize"),
+                 "GGUF (f32/f16/bf16) -> quantized GGUF"),
+    "export-adapter": (config.ExportAdapterOptions, _stage("convert", "run_export_adapter"),
                        "the LoRA adapter as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)"),
-    "chat": (config.ChatOptions, _chat, "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
-    "serve": (config.ServeOptions, _serve,
+    "chat": (config.ChatOptions, _stage("chat"),
+             "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
+    "serve": (config.ServeOptions, _stage("serve"),
               "OpenAI-compatible HTTP server for the GGUF (/v1/models, /v1/chat/completions)"),
-    "summary": (config.ModelOptions, _summary, "what the last run produced and how to use it"),
-    "models": (None, _models, "list the built-in and tested models, and which fit here"),
-    "doctor": (None, _doctor, "versions, compute device, memory, disk, and the largest model that fits"),
+    "summary": (config.ModelOptions, _stage("summary"),
+                "what the last run produced and how to use it"),
+    "models": (None, _stage("report", "print_models"),
+               "list the built-in and tested models, and which fit here"),
+    "doctor": (None, _stage("doctor"),
+               "versions, compute device, memory, disk, and the largest model that fits"),
     "data": (None, DATA_COMMANDS, "check, inspect, split, merge and convert datasets"),
 }
 

@@ -171,6 +171,9 @@ class TrainOptions(ModelOptions):
     seed: int = opt(0, "random seed (data order, dropout, LoRA init)", env="SEED")
     device: str = opt("auto", "auto, cpu, cuda or mps", env="DEVICE",
                       choices=("auto", "cpu", "cuda", "mps"))
+    engine: str = opt("auto", "training engine: torch, or mlx (Apple's MLX, needs donkeytune[mlx]); "
+                      "auto: mlx on Apple Silicon when it is installed, else torch", env="ENGINE",
+                      choices=("auto", "torch", "mlx"))
     dtype: str = opt("auto", "compute dtype of the frozen base: auto (bf16 where the hardware "
                      "has it), bfloat16, float16 or float32", env="DTYPE",
                      choices=("auto", "bfloat16", "float16", "float32"))
@@ -206,6 +209,13 @@ class TrainOptions(ModelOptions):
             _check(importlib.util.find_spec(package) is not None,
                    f"--report-to {self.report_to} needs the {package} package",
                    f"pip install {package}")
+        if self.engine == "mlx":
+            from .engines import MLX_INSTALL, mlx_installed  # noqa: PLC0415 - finds mlx, never imports it
+
+            _check(mlx_installed(), "ENGINE=mlx needs mlx and mlx-lm, which are not installed",
+                   MLX_INSTALL)
+            _check(self.device in ("auto", "cpu"), f"DEVICE={self.device} is a torch device; the MLX "
+                   "engine runs on Apple's GPU (auto) or the CPU", "leave DEVICE unset, or use ENGINE=torch")
 
     @property
     def lora_alpha(self) -> float:

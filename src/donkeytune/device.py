@@ -73,6 +73,10 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
 
 
 def peak_memory_gb(device: str) -> float:
+    if device == "mlx":  # the MLX engine: its allocator's peak (unified memory on Apple Silicon)
+        import mlx.core as mx  # noqa: PLC0415
+
+        return mx.get_peak_memory() / 1e9
     import torch  # noqa: PLC0415
 
     if device == "cuda":

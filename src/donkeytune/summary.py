@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from . import runinfo
+from .convert import model_name
 from .config import ModelOptions
 
 TEST_FILE = "test.json"  # answers of the last `test`, written by infer.run into output/report/
@@ -31,12 +32,13 @@ def run(opts: ModelOptions) -> str:
         lines.append(f"Val loss  {val[0]:.3f} at the start -> {val[-1]:.3f} at the end")
     if converted:
         gguf = out / "gguf" / converted["quantized"]
+        name = f"{model_name(converted['base_model'])}-finetuned"
         lines += [f"GGUF      {gguf}  ({gguf.stat().st_size / 1e6:.0f} MB)",
                   f"          {out / 'gguf' / converted['full']}  (f16, kept for re-quantizing)",
                   "", "Run it:",
                   f"  llama.cpp   llama-cli -m {gguf} -cnv",
-                  f"  Ollama      ollama create {gguf.stem} -f {out / 'gguf' / 'Modelfile'} && "
-                  f"ollama run {gguf.stem}",
+                  f"  Ollama      ollama create {name} -f {out / 'gguf' / 'Modelfile'} && "
+                  f"ollama run {name}",
                   f"  chat here   donkeytune chat --output-dir {out}    (make chat)",
                   f"  server      donkeytune serve --output-dir {out}   (OpenAI API on 127.0.0.1:8000)"]
     if tested:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data, device, memory, models, recipe, report, runinfo
+from . import data, device, engines, memory, models, recipe, report, runinfo
 from .config import TrainOptions
 from .errors import ConfigError, DonkeyError, ModelError
 from .progress import say, warn
@@ -36,11 +36,16 @@ def run(opts: TrainOptions) -> Path:
         opts = _recorded_options(checkpoint, opts)
     resume = _resume_source(opts)
     _check_output_dir(opts, resume or checkpoint)
+    opts = dataclasses.replace(opts, engine=engines.pick(opts.engine, checkpoint))  # torch or mlx
     folder = models.resolve(opts.model or "smollm2-135m", trust_remote_code=opts.trust_remote_code,
                             allow_pickle=opts.allow_pickle)
     opts = recipe.resolve(opts, folder, len(dataset.train))  # unset ITERS, LR, ...: from the recipe
     if resume:
         _check_resume_matches(resume, folder, opts)
+    if opts.engine == "mlx":  # imports mlx; it writes the same adapter, so later stages are shared
+        from .engines import mlx_engine  # noqa: PLC0415
+
+        return mlx_engine.run(opts, folder, dataset, checkpoint=checkpoint, resume=resume)
 
     import torch  # noqa: PLC0415
 
@@ -266,7 +271,9 @@ def restore_checkpoint(folder: Path, model, optimizer) -> int:
 
 def checkpoints(adapter_dir: Path) -> list[Path]:
     folder = Path(adapter_dir) / "checkpoints"
-    found = [p for p in folder.glob("[0-9]*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    states = (STATE_FILE, engines.MLX_STATE_FILE)  # torch's or the MLX engine's optimizer state
+    found = [p for p in folder.glob("[0-9]*") if any((p / s).is_file() for s in states)] \
+        if folder.is_dir() else []
     return sorted(found, key=lambda p: int(p.name))
 
 
@@ -289,6 +296,8 @@ def _recorded_options(checkpoint: Path, given: TrainOptions) -> TrainOptions:
     """A resumed run continues with the options it was started with."""
     recorded = runinfo.read_run(checkpoint)["options"]
     keep = {"resume": True, "force": given.force}
+    if given.engine != "auto":  # asked for: engines.pick refuses it if another engine wrote the run
+        keep["engine"] = given.engine
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     return TrainOptions(**{k: v for k, v in recorded.items() if k in names} | keep)
 
