@@ -37,7 +37,7 @@ def data_dir(tmp_path_factory):
 
 def options(model, data_dir, out, **kw):
     flags = dict(model=str(model), data_dir=str(data_dir), output_dir=str(out), iters=12,
-                 batch_size=4, num_layers=2, lr=3e-3, scale=10.0, steps_per_eval=6,
+                 batch_size=4, num_layers=2, lr=3e-3, rank=8, scale=10.0, steps_per_eval=6,
                  steps_per_report=6, save_every=6, dropout=0.0, dtype="float32", engine="mlx")
     flags.update(kw)
     return config.resolve(config.TrainOptions, flags, environ={})
