@@ -69,7 +69,7 @@ def test_sigterm_then_resume_matches_the_uninterrupted_run(tiny_model, data_dir,
     assert blocked.returncode == 2 and "holds an interrupted run" in err and "--resume" in err
 
     # --resume alone: the run's own options come from its checkpoint
-    resumed = cli(["train", "--resume", "--output-dir", str(tmp_path / "run"), "--data-dir", str(data_dir)])
+    resumed = cli(["train", "--resume", "--output-dir", str(tmp_path / "run")], cwd=tmp_path)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert f"Resuming at iteration {stopped['iteration']}" in err

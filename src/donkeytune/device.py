@@ -85,3 +85,19 @@ def peak_memory_gb(device: str) -> float:
         return torch.mps.driver_allocated_memory() / 1e9
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise).
+
+    Packed batches change shape every step, and glibc's allocator then holds on to freed
+    blocks: without this, resident memory of a CPU run creeps up by ~40% over a few hundred
+    steps.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...)
+            pass

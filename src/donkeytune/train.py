@@ -27,13 +27,13 @@ SEED_ADAPTER_FILE = "adapters.safetensors"  # the name the seed's RESUME_FROM pa
 
 def run(opts: TrainOptions) -> Path:
     """Train a LoRA adapter; returns the adapter folder (output/adapters)."""
-    dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
     checkpoint = None
     if not opts.resume and _continue_interrupted(opts):
         opts = dataclasses.replace(opts, resume=True)
     if opts.resume:
         checkpoint = latest_checkpoint(opts.adapter_dir)
-        opts = _recorded_options(checkpoint, opts)
+        opts = _recorded_options(checkpoint, opts)  # its DATA_DIR, ITERS, LR, ...
+    dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
     resume = _resume_source(opts)
     _check_output_dir(opts, resume or checkpoint)
     opts = dataclasses.replace(opts, engine=engines.pick(opts.engine, checkpoint))  # torch or mlx
@@ -191,6 +191,7 @@ def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, st
             if it % opts.steps_per_report == 0 or it == opts.iters:
                 dt = time.perf_counter() - t0
                 report.train(it, sum(losses) / len(losses), opts.lr, len(losses) / dt, tokens / dt, seen)
+                device.trim_memory()
                 losses, tokens, t0 = [], 0, time.perf_counter()
             if evaluate and (it % opts.steps_per_eval == 0 or it == opts.iters):
                 t = time.perf_counter()

@@ -38,7 +38,7 @@ def pick(name: str, checkpoint: Path | None = None) -> str:
     if trained and name != trained:
         other = "torch" if trained == "mlx" else "mlx"
         raise ConfigError(
-            f"the interrupted run in {Path(checkpoint).parent.parent} was trained by the {trained} "
+            f"the run in {Path(checkpoint).parent.parent} was trained by the {trained} "
             f"engine; --resume continues a run (optimizer, random state) only with the engine that "
             f"trained it, not with {other}",
             f"resume it with ENGINE={trained} (or leave ENGINE unset), or start a new {other} run "

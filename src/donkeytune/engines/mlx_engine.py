@@ -9,6 +9,7 @@ lora_b (r, out); PEFT computes base(x) + lora_alpha / r * lora_B(lora_A(x)) with
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -48,9 +49,10 @@ def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: 
 
     if opts.device == "cpu":
         mx.set_default_device(mx.cpu)
+    names = weight_names(folder)
     mx.random.seed(opts.seed)
     model = lora_model(folder, opts)
-    check_names(model, folder)
+    check_names(model, names)
     if resume:
         load_adapter_weights(model, resume)
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -117,7 +119,8 @@ def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: 
 def lora_model(folder: Path, opts: TrainOptions):
     """The base model in mlx-lm, frozen, with mlx-lm's LoRA on every linear layer of the last
     NUM_LAYERS blocks (the layers the torch engine adapts)."""
-    model, _ = load_model(Path(folder), trust_remote_code=opts.trust_remote_code)
+    model, _ = load_model(Path(folder), model_config=mlx_config(folder),
+                          trust_remote_code=opts.trust_remote_code)
     if opts.dtype != "auto":  # auto: as stored
         model.set_dtype(getattr(mx, opts.dtype))
     model.freeze()
@@ -129,6 +132,28 @@ def lora_model(folder: Path, opts: TrainOptions):
     linear_to_lora_layers(model, n, dict(rank=opts.rank, scale=opts.scale, dropout=opts.dropout,
                                          keys=block_linear_keys(model)))
     return model
+
+
+def mlx_config(folder: Path) -> dict:
+    """Settings mlx-lm reads from keys transformers 5 no longer writes (it would silently use
+    its defaults): rope_theta / rope_scaling from rope_parameters (Gemma 3: one per attention
+    type) and Gemma 3's sliding_window_pattern from layer_types."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    out = {}
+    rope = cfg.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", rope), rope.get("sliding_attention")
+    if "rope_theta" in full and "rope_theta" not in cfg:
+        out["rope_theta"] = full["rope_theta"]
+        if full.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+            out["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    if local and "rope_local_base_freq" not in cfg:
+        out["rope_local_base_freq"] = local["rope_theta"]
+    types = cfg.get("layer_types") or []
+    if "full_attention" in types and "sliding_window_pattern" not in cfg:
+        n = types.index("full_attention") + 1
+        if all((t == "full_attention") == ((i + 1) % n == 0) for i, t in enumerate(types)):
+            out["sliding_window_pattern"] = n
+    return out
 
 
 def block_linear_keys(model) -> list[str]:
@@ -219,15 +244,23 @@ def load_adapter_weights(model, source: Path) -> None:
     say(f"Resuming from the adapter weights in {source}")
 
 
-def check_names(model, folder: Path) -> None:
-    """Every adapted layer must have its weight under the same name in the HF checkpoint, or
-    fuse and convert could not place the adapter."""
+def weight_names(folder: Path) -> set[str]:
+    """Tensor names of the base model's safetensors (headers only)."""
     from safetensors import safe_open  # noqa: PLC0415
 
     names = set()
     for f in Path(folder).glob("*.safetensors"):
         with safe_open(f, "np") as st:
             names.update(st.keys())
+    if not names:
+        raise ModelError(f"{folder} has no safetensors weights, the only ones MLX reads",
+                         "train it with ENGINE=torch")
+    return names
+
+
+def check_names(model, names: set[str]) -> None:
+    """Every adapted layer must have its weight under the same name in the HF checkpoint, or
+    fuse and convert could not place the adapter."""
     modules = {k.rsplit(".", 1)[0] for k, _ in tree_flatten(model.trainable_parameters())}
     stray = sorted(m for m in modules if f"{m}.weight" not in names)
     if stray:

@@ -218,19 +218,25 @@ def _pieces_from_json(tok_json: dict) -> list[tuple[str, float, int]]:
     """SentencePiece-style pieces from a tokenizer.json BPE with byte fallback.
 
     llama.cpp merges the adjacent pair whose joined piece scores highest; HF merges by rank,
-    so a piece's score is minus the rank of the merge that makes it.
+    so a piece's score is minus the rank of the merge that makes it. Single characters and
+    byte tokens are never the result of a merge (score 0); a longer piece that no merge
+    makes cannot appear in HF's output, so it gets the lowest score, merged last if at all.
+    Ids the model vocabulary skips stay `[PAD<id>]`/unused, like the padding rows.
     """
     model = tok_json["model"]
     rank = {}
     for r, m in enumerate(model.get("merges") or []):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         rank.setdefault(a + b, r)
+    lowest = -float(len(rank) + 1)
     unk = model.get("unk_token")
-    pieces = [("", 0.0, T.UNUSED)] * (max(model["vocab"].values()) + 1)
+    pieces = [(f"[PAD{i}]", -1000.0, T.UNUSED) for i in range(max(model["vocab"].values()) + 1)]
     for piece, i in model["vocab"].items():
         kind = (T.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else
                 T.UNKNOWN if piece == unk else T.NORMAL)
-        pieces[i] = (piece, -float(rank.get(piece, 0)), kind)
+        score = (-float(rank[piece]) if piece in rank else
+                 0.0 if kind != T.NORMAL or len(piece) == 1 else lowest)
+        pieces[i] = (piece, score, kind)
     return pieces
 
 
