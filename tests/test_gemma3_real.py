@@ -77,7 +77,8 @@ def chat_dir(gemma_dir, tmp_path_factory) -> Path:
     if not any((folder / n).exists() for n in ("chat_template.jinja", "chat_template.json")) \
             and "chat_template" not in json.loads((folder / "tokenizer_config.json").read_text()):
         templates = json.loads((ROOT / "tests/fixtures/chat_templates.json").read_text())
-        (folder / "chat_template.jinja").write_text(templates["templates"]["gemma3"]["chat_template"])
+        gemma3 = templates["templates"]["gemma3"]["chat_template"]
+        (folder / "chat_template.jinja").write_text(gemma3)
     return folder
 
 
@@ -134,7 +135,8 @@ def test_vocab_matches_llama_cpp_converter(original_gguf, exported):
     assert len(tokens) == len(ref_tokens) == 262144
     # Only the runs of 2-31 spaces differ: the original marks them user-defined "  ", the
     # imported tokenizer.json has them as plain pieces "▁▁" (tokenization is the same).
-    differ = [i for i in range(len(tokens)) if (tokens[i], types[i]) != (ref_tokens[i], ref_types[i])]
+    differ = [i for i in range(len(tokens))
+              if (tokens[i], types[i]) != (ref_tokens[i], ref_types[i])]
     assert all(set(tokens[i]) == {"\u2581"} and ref_tokens[i] == tokens[i].replace("\u2581", " ")
                for i in differ) and len(differ) <= 31, differ[:5]
     assert sum(t == 6 for t in types) == 256 and types[tokens.index("<0x41>")] == 6

@@ -33,13 +33,15 @@ TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.",
 
 def gemma_like_tokenizer(dest: Path) -> Path:
     """Write an HF tokenizer folder in the layout of Gemma's tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors, trainers)
     from transformers import PreTrainedTokenizerFast
 
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
     trainer_tok.pre_tokenizer = pre_tokenizers.Split("\u2581", "merged_with_next")
-    trainer_tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=160, show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=160, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS * 10, trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
     learned = sorted(trained["vocab"], key=trained["vocab"].get)
     vocab = {p: i for i, p in enumerate(SPECIAL + BYTES + learned + USER)}
@@ -53,8 +55,6 @@ def gemma_like_tokenizer(dest: Path) -> Path:
                                      decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
                                                        special_tokens=[("<bos>", 2)])
-    from tokenizers import AddedToken
-
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in USER])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
@@ -98,13 +98,16 @@ def test_gemma_like_tokenizer_json_exports_as_sentencepiece(gemma_folder, tmp_pa
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gemma_folder)
-    assert tok("hi 🦙")["input_ids"][0] == 2 and "<0xF0>" in tok.tokenize("hi 🦙")  # byte fallback
+    assert tok("hi 🦙")["input_ids"][0] == 2
+    assert "<0xF0>" in tok.tokenize("hi 🦙")  # byte fallback
     out = export(gemma_folder, tmp_path / "g.gguf", "f16")
     f = fields(out)
     assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.pre"] == "default"
-    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_space_prefix"] is False
+    assert f["tokenizer.ggml.add_bos_token"] is True
+    assert f["tokenizer.ggml.add_space_prefix"] is False
     assert f["tokenizer.ggml.add_eos_token"] is False
-    ids = {k: f[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown", "padding", "eot")}
+    kinds = ("bos", "eos", "unknown", "padding", "eot")
+    ids = {k: f[f"tokenizer.ggml.{k}_token_id"] for k in kinds}
     assert ids == {"bos": 2, "eos": 1, "unknown": 3, "padding": 0, "eot": 6}  # eot: <end_of_turn>
 
     tokens, types, scores = (f[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "scores"))
@@ -187,8 +190,24 @@ def test_gemma_turn_end_stops_chat(gemma_folder, tmp_path):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(gemma_folder)
-        ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                      add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"]
         assert ids[:2] == [2, 5] and res["usage"]["prompt_tokens"] == len(ids)
     finally:
         llm.close()
+
+
+def test_pieces_from_tokenizer_json_edge_cases():
+    """Pieces no merge makes score lowest (HF never emits them); vocabulary holes stay unused."""
+    from donkeytune.gguf.vocab import _pieces_from_json
+
+    model = {"type": "BPE", "unk_token": "<unk>", "byte_fallback": True,
+             "vocab": {"<unk>": 0, "<0x41>": 1, "a": 2, "b": 3, "ab": 4, "ba": 5, "abab": 7},
+             "merges": [["a", "b"], ["ab", "ab"]]}
+    pieces = _pieces_from_json({"model": model})
+    assert pieces[0] == ("<unk>", 0.0, 2) and pieces[1] == ("<0x41>", 0.0, 6)
+    assert pieces[2][1] == pieces[3][1] == 0.0  # single characters: never a merge result
+    assert pieces[4][1] == 0.0 and pieces[7][1] == -1.0  # minus the merge rank
+    assert pieces[5][1] < -1.0  # "ba": no merge makes it, so llama.cpp must prefer the others
+    assert pieces[6] == ("[PAD6]", -1000.0, 5)  # id 6 is not in the vocabulary
