@@ -39,7 +39,8 @@ CASES = {
 def test_bad_line_is_located(tmp_path, capsys, case):
     line, expected = CASES[case]
     # A model that does not exist proves the data is checked before any model is looked at.
-    status = main(["train", "--data-dir", bad_train(tmp_path, line), "--model", "no/such-model"])
+    status = main(["train", "--data-dir", bad_train(tmp_path, line), "--model", "no/such-model",
+                   "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2
     assert f"{tmp_path / 'train.jsonl'}:2: " in err
@@ -49,25 +50,25 @@ def test_bad_line_is_located(tmp_path, capsys, case):
 
 def test_every_problem_is_listed(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("nope\n" + json.dumps(GOOD) + "\n[]\n")
-    assert main(["train", "--data-dir", str(tmp_path)]) == 2
+    assert main(["train", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:1: invalid JSON" in err and "train.jsonl:3: expected a JSON object" in err
 
 
 def test_empty_file(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("\n\n")
-    assert main(["train", "--data-dir", str(tmp_path)]) == 2
+    assert main(["train", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
     assert f"{tmp_path / 'train.jsonl'}: the file is empty" in capsys.readouterr().err
 
 
 def test_missing_train(tmp_path, capsys):
-    assert main(["train", "--data-dir", str(tmp_path)]) == 2
+    assert main(["train", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "train.jsonl not found" in err and "fix:" in err
 
 
 def test_missing_folder(tmp_path, capsys):
-    assert main(["train", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert main(["train", "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2
     assert "data folder not found" in capsys.readouterr().err
 
 
@@ -87,7 +88,8 @@ def test_bom_and_crlf_are_accepted(tmp_path):
 def test_real_entry_point_prints_no_traceback(tmp_path):
     """The console script itself, as a user runs it."""
     d = bad_train(tmp_path, b'{"messages": 5}')
-    proc = subprocess.run([sys.executable, "-m", "donkeytune", "train", "--data-dir", d],
+    proc = subprocess.run([sys.executable, "-m", "donkeytune", "train", "--data-dir", d,
+                           "--output-dir", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert 'train.jsonl:2: "messages" must be a non-empty list' in proc.stderr
