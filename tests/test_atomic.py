@@ -18,6 +18,7 @@ import pytest
 WRITERS = {
     "gguf export": """
         from donkeytune import gguf
+        print("ready", flush=True)
         while True:
             gguf.export(MODEL, OUT / "m.gguf", "f16")
     """,
@@ -39,6 +40,7 @@ WRITERS = {
             for name, p in model.named_parameters():
                 if "lora_" in name:
                     p.normal_()
+        print("ready", flush=True)
         while True:
             train.save_adapter(model, OUT, {"stage": "train"}, checkpoint=7,
                                state=train.trainer_state(7, torch.optim.AdamW(model.parameters())))
@@ -47,6 +49,7 @@ WRITERS = {
         from donkeytune import data
         text = "".join('{"messages": [{"role": "user", "content": "q%d"}, '
                        '{"role": "assistant", "content": "%s"}]}\\n' % (i, "a" * 500) for i in range(20000))
+        print("ready", flush=True)
         while True:
             data.write_atomic(OUT / "train.jsonl", text)
     """,
@@ -88,7 +91,8 @@ def test_kill_never_leaves_a_partial_file(name, tiny_model, tmp_path):
     for trial in range(4):
         out = tmp_path / f"t{trial}"
         proc = start(name, model, out)
-        time.sleep(rng.uniform(0.3, 3.0))
+        assert proc.stdout.readline().strip() == "ready"  # imports done: the kill lands in the writes
+        time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         got = snapshot(out, names)
