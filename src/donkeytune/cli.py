@@ -98,7 +98,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         meta, tp = f.metadata, types_[f.name]
         env = f" [{meta['env']}]" if meta.get("env") else ""
-        help_ = f"{meta['help']} (default: {f.default}){env}"
+        default = "" if f.default is None else f" (default: {f.default})"
+        help_ = f"{meta['help']}{default}{env}"
         if meta.get("positional") and typing.get_origin(tp) is list:  # several: merge DIR1 DIR2
             parser.add_argument(f.name, type=str, help=help_, nargs="*", default=argparse.SUPPRESS)
             continue

@@ -146,14 +146,16 @@ class TrainOptions(ModelOptions):
                              "first five is set), seed (the seed's 600/4/8/1e-5/8/10) or none",
                              env="RECIPE", choices=("auto", "seed", "none"))
     # None below = "from the recipe" (recipe.resolve fills them before the model loads)
-    iters: int | None = opt(None, "optimizer steps", env="ITERS")
-    batch_size: int | None = opt(None, "examples per optimizer step", env="BATCH_SIZE")
-    num_layers: int | None = opt(None, "LoRA on the last N transformer blocks (-1 = all)",
-                                 env="NUM_LAYERS")
-    lr: float | None = opt(None, "learning rate (Adam)", env="LR")
-    rank: int | None = opt(None, "LoRA rank", env="RANK")
+    iters: int | None = opt(None, "optimizer steps (default: the recipe's; seed 600)", env="ITERS")
+    batch_size: int | None = opt(None, "examples per optimizer step (default: the recipe's; "
+                                 "seed 4)", env="BATCH_SIZE")
+    num_layers: int | None = opt(None, "LoRA on the last N transformer blocks, -1 = all "
+                                 "(default: the recipe's; seed 8)", env="NUM_LAYERS")
+    lr: float | None = opt(None, "learning rate, Adam (default: the recipe's; seed 1e-5)", env="LR")
+    rank: int | None = opt(None, "LoRA rank (default: the recipe's; seed 8)", env="RANK")
     scale: float | None = opt(None, "LoRA scale: the adapter's output is multiplied by it "
-                              "(the seed's mlx-lm meaning; PEFT lora_alpha = scale x rank)", env="SCALE")
+                              "(the seed's mlx-lm meaning; PEFT lora_alpha = scale x rank; "
+                              "default: the recipe's, seed 10)", env="SCALE")
     alpha: float | None = opt(None, "PEFT lora_alpha; when given, scale = alpha / rank", env="ALPHA")
     dropout: float = opt(0.05, "LoRA dropout", env="DROPOUT")
     max_seq_length: int = opt(2048, "longer examples are truncated (with a warning)",
