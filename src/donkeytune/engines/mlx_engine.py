@@ -62,7 +62,7 @@ def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: 
     start = restore_checkpoint(checkpoint, model, optimizer) if checkpoint else 0
 
     meta = runinfo.run_record(
-        "train", opts, base_model=opts.model or "smollm2-135m", base_model_path=str(folder),
+        "train", opts, base_model=opts.model, base_model_path=str(folder),
         base_fingerprint=runinfo.model_fingerprint(folder), data_dir=str(opts.data_dir),
         data_fingerprint=dataset.fingerprint, system_prompt=dataset.system_prompt,
         resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
