@@ -181,11 +181,19 @@ class TrainOptions(ModelOptions):
                      choices=("auto", "bfloat16", "float16", "float32"))
     force: bool = opt(False, "train even if the output folder holds a run of another model",
                       env="FORCE")
+    devices: int = opt(1, "training processes: N GPUs (or N CPU processes, gloo) launched with "
+                       "torchrun; BATCH_SIZE stays the examples per optimizer step", env="DEVICES")
     report_to: str | None = opt(None, "also log the metrics to tensorboard or wandb (their own "
                                 "packages)", env="REPORT_TO", choices=("tensorboard", "wandb"))
 
     def __post_init__(self):
         _check(self.iters is None or self.iters > 0, f"ITERS must be positive, got {self.iters}")
+        _check(self.devices >= 1, f"DEVICES must be at least 1, got {self.devices}")
+        _check(self.devices == 1 or self.engine != "mlx", "the MLX engine trains on one device",
+               "drop DEVICES, or use ENGINE=torch")
+        _check(self.batch_size is None or self.batch_size >= self.devices,
+               f"BATCH_SIZE={self.batch_size} is smaller than DEVICES={self.devices}: some workers "
+               "would get no example", f"set BATCH_SIZE to at least {self.devices}")
         _check(self.batch_size is None or self.batch_size > 0,
                f"BATCH_SIZE must be positive, got {self.batch_size}")
         _check(self.num_layers is None or self.num_layers == -1 or self.num_layers > 0,

@@ -442,8 +442,13 @@ class Batch:
     segments: list[tuple[int, int, int, int]]  # (example key, row, start, length)
 
 
-def batches(items: list[Tokenized], batch_size: int, seed: int, pad_id: int, *, start_step: int = 0):
-    """Endless seeded epochs of BATCH_SIZE examples each, packed; skips the first `start_step`."""
+def batches(items: list[Tokenized], batch_size: int, seed: int, pad_id: int, *, start_step: int = 0,
+            shard: tuple[int, int] = (0, 1)):
+    """Endless seeded epochs of BATCH_SIZE examples each, packed; skips the first `start_step`.
+
+    With shard=(rank, workers), each worker gets every workers-th example of each batch.
+    """
+    rank, world = shard
     step = 0
     epoch = 0
     while True:
@@ -451,7 +456,7 @@ def batches(items: list[Tokenized], batch_size: int, seed: int, pad_id: int, *, 
         random.Random(seed + epoch).shuffle(order)
         for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             if step >= start_step:
-                yield collate([items[j] for j in order[i:i + batch_size]], pad_id)
+                yield collate([items[j] for j in order[i:i + batch_size]][rank::world], pad_id)
             step += 1
         epoch += 1
 

@@ -41,12 +41,12 @@ def pick_dtype(name: str, device: str):
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def set_threads() -> None:
-    """One thread per physical core: hyper-threads slow matmuls down."""
+def set_threads(workers: int = 1) -> None:
+    """The cores shared out among the training processes of this machine."""
     import torch  # noqa: PLC0415
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    if "OMP_NUM_THREADS" not in os.environ or workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
 
 
 def load_model(folder: Path, device: str, dtype, *, trust_remote_code: bool = False):

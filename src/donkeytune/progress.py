@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
 
 
 def say(msg: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # one of several training workers: the first speaks
+        return
     print(msg, file=sys.stderr, flush=True)
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data, device, engines, memory, models, recipe, report, runinfo
+from . import data, device, distributed, engines, memory, models, recipe, report, runinfo
 from .config import TrainOptions
 from .errors import ConfigError, DonkeyError, ModelError
 from .progress import say, warn
@@ -38,6 +38,12 @@ def run(opts: TrainOptions) -> Path:
     resume = _resume_source(opts)
     _check_output_dir(opts, resume or checkpoint)
     opts = dataclasses.replace(opts, engine=engines.pick(opts.engine, checkpoint))  # torch or mlx
+    group = distributed.worker()  # None unless this process is one of several torchrun workers
+    if opts.devices > 1 and group is None:
+        status = distributed.launch(opts)
+        if status:
+            raise DonkeyError(f"the {opts.devices} training workers stopped with status {status}")
+        return opts.adapter_dir
     folder = models.resolve(opts.model, trust_remote_code=opts.trust_remote_code,
                             allow_pickle=opts.allow_pickle)
     opts = recipe.resolve(opts, folder, len(dataset.train))  # unset ITERS, LR, ...: from the recipe
@@ -50,9 +56,11 @@ def run(opts: TrainOptions) -> Path:
 
     import torch  # noqa: PLC0415
 
-    device.set_threads()
+    device.set_threads(group.world if group else 1)
     dev = device.pick_device(opts.device)
     dtype = device.pick_dtype(opts.dtype, dev)
+    if group and dev == "cuda":
+        dev = f"cuda:{group.local_rank}"
     tok = device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code)
     train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
     valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
@@ -65,13 +73,16 @@ def run(opts: TrainOptions) -> Path:
     model = add_lora(base, opts)
     if resume:
         load_adapter_weights(model, resume)
-    model.print_trainable_parameters()
+    if group is None or group.main:
+        model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0, fused=dev in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0,
+                                  fused=torch.device(dev).type in ("cpu", "cuda"))
     cache = prefix_cache(model)
-    start = restore_checkpoint(checkpoint, model, optimizer) if checkpoint else 0
+    shard = (group.rank, group.world) if group else (0, 1)  # this worker's share of every batch
+    start = restore_checkpoint(checkpoint, model, optimizer, shard[1]) if checkpoint else 0
     if cache and start:
-        refill_prefix_cache(cache, model, train_set, opts, tok.pad_token_id, dev, start)
+        refill_prefix_cache(cache, model, train_set, opts, tok.pad_token_id, dev, start, shard)
 
     meta = runinfo.run_record(
         "train", opts, base_model=opts.model, base_model_path=str(folder),
@@ -80,32 +91,45 @@ def run(opts: TrainOptions) -> Path:
         resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
         train_examples=len(train_set), valid_examples=len(valid_set))
     pad = tok.pad_token_id
-    batches = data.batches(train_set, opts.batch_size, opts.seed, pad, start_step=start)
+    batches = data.batches(train_set, opts.batch_size, opts.seed, pad, start_step=start, shard=shard)
 
     def step(batch):
         model.train()
         loss, ntok = batch_loss(model, batch, dev, cache)
-        value = loss.item() / ntok
+        total, ntok, tokens = [loss.item(), ntok, batch.tokens]
+        if group:  # the step's loss is the mean over every worker's labelled tokens
+            total, ntok, tokens = group.sum([total, ntok, tokens])
+        value = total / ntok
         if not math.isfinite(value):  # stop before the update: the saved adapter stays good
             raise Diverged(f"the loss became {value}; training stopped, the last checkpoint "
                            f"in {opts.adapter_dir} is kept",
                            f"lower LR (now {opts.lr:g}; try {opts.lr / 4:g}) and resume or restart")
         (loss / ntok).backward()
+        if group:
+            group.sum_grads(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return value, batch.tokens  # tokens/sec counts every non-pad token
+        return value, int(tokens)  # tokens/sec counts every non-pad token
 
     def evaluate():
-        return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev, cache)
+        return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev, cache,
+                             shard, group.sum if group else None)
 
     def save(it: int, final: bool = False):
-        save_adapter(model, opts.adapter_dir, dict(meta, iteration=it, complete=final),
-                     checkpoint=None if final else it,
-                     state=None if final else trainer_state(it, optimizer))
-        prune_checkpoints(opts.adapter_dir, opts.keep)
+        if group is None or group.main:  # one set of files
+            save_adapter(model, opts.adapter_dir, dict(meta, iteration=it, complete=final),
+                         checkpoint=None if final else it,
+                         state=None if final else trainer_state(it, optimizer, shard[1]))
+            prune_checkpoints(opts.adapter_dir, opts.keep)
+        if group:
+            group.barrier()
 
-    reporter = Reporter(opts.iters, dev, metrics_file(opts), start)
-    loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
+    reporter = Reporter(opts.iters, dev, metrics_file(opts), start) if not group or group.main \
+        else QuietReporter()
+    agree = (lambda flag: group.sum([float(flag)])[0] > 0) if group else None
+    loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start, agree)
+    if group and not group.main:
+        return opts.adapter_dir
     say(f"Adapter saved to {opts.adapter_dir}/ ({ADAPTER_FILE}, {SEED_ADAPTER_FILE})")
     report.finish(opts, meta)  # loss.png, summary.md, the diagnosis, trackers
     return opts.adapter_dir
@@ -113,6 +137,18 @@ def run(opts: TrainOptions) -> Path:
 
 class Diverged(DonkeyError):
     """NaN or inf loss."""
+
+
+class QuietReporter:
+    """What workers other than the first report: nothing."""
+
+    def train(self, *args):
+        pass
+
+    valid = tick = train
+
+    def close(self):
+        pass
 
 
 # ---------------------------------------------------------------- the loop
@@ -173,10 +209,12 @@ class Reporter:
             print(line, flush=True)
 
 
-def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, start: int = 0):
+def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, start: int = 0,
+         agree=None):
     """Run steps start+1..iters: report, validate (start, every N, end) and checkpoint.
 
     Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (status 130).
+    `agree(flag)` makes that stop a joint decision of all workers.
     """
     if evaluate and start == 0:
         t = time.perf_counter()
@@ -198,7 +236,7 @@ def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, st
                 t = time.perf_counter()
                 report.valid(it, evaluate(), time.perf_counter() - t)
                 t0 += time.perf_counter() - t  # validation time is not training speed
-            if stop.requested and it != opts.iters:
+            if (stop.requested if agree is None else agree(stop.requested)) and it != opts.iters:
                 report.close()
                 save(it)
                 say(f"\nStopped at iteration {it} of {opts.iters}; checkpoint saved in "
@@ -246,22 +284,26 @@ def stop_signals():
 STATE_FILE = "trainer_state.pt"
 
 
-def trainer_state(it: int, optimizer) -> dict:
+def trainer_state(it: int, optimizer, workers: int = 1) -> dict:
     """Everything besides the adapter that makes a resumed run continue exactly."""
     import torch  # noqa: PLC0415
 
-    state = {"iteration": it, "optimizer": optimizer.state_dict(),
+    state = {"iteration": it, "optimizer": optimizer.state_dict(), "workers": workers,
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_checkpoint(folder: Path, model, optimizer) -> int:
+def restore_checkpoint(folder: Path, model, optimizer, workers: int = 1) -> int:
     import torch  # noqa: PLC0415
 
-    load_adapter_weights(model, folder / ADAPTER_FILE)
     state = torch.load(folder / STATE_FILE, weights_only=False)  # our own file, written above
+    if state.get("workers", 1) != workers:
+        raise ConfigError(f"{folder} was written by a run on {state.get('workers', 1)} device(s); "
+                          f"this one has {workers}: the batches would be cut differently",
+                          f"resume with DEVICES={state.get('workers', 1)}")
+    load_adapter_weights(model, folder / ADAPTER_FILE)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
@@ -295,9 +337,10 @@ def prune_checkpoints(adapter_dir: Path, keep: int) -> None:
 
 
 def _recorded_options(checkpoint: Path, given: TrainOptions) -> TrainOptions:
-    """A resumed run continues with the options it was started with."""
+    """A resumed run continues with the options it was started with, in the folder it is in
+    now (a run folder may have been moved or copied)."""
     recorded = runinfo.read_run(checkpoint)["options"]
-    keep = {"resume": True, "force": given.force}
+    keep = {"resume": True, "force": given.force, "output_dir": given.output_dir}
     if given.engine != "auto":  # asked for: engines.pick refuses it if another engine wrote the run
         keep["engine"] = given.engine
     names = {f.name for f in dataclasses.fields(TrainOptions)}
@@ -343,7 +386,8 @@ def prefix_cache(model):
     return PrefixCache(decoder, first) if first > 0 else None
 
 
-def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int, dev, start: int):
+def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int, dev, start: int,
+                        shard=(0, 1)):
     """Recompute the kept frozen-block outputs as the interrupted run computed them: with
     the batches of its first epoch, in order."""
     import torch  # noqa: PLC0415
@@ -351,7 +395,7 @@ def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int
     causal = model.get_base_model()
     low = causal.dtype if causal.dtype != torch.float32 else None
     steps = min(start, max(len(train_set) // opts.batch_size, 1))
-    first_epoch = data.batches(train_set, opts.batch_size, opts.seed, pad_id)
+    first_epoch = data.batches(train_set, opts.batch_size, opts.seed, pad_id, shard=shard)
     with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=low, enabled=low is not None):
         for _ in range(steps):
             batch = next(first_epoch)
@@ -396,19 +440,26 @@ def batch_loss(model, batch: data.Batch, dev, cache=None):
     return loss, int(keep.sum())
 
 
-def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev, cache=None) -> float:
+def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev, cache=None,
+                  shard=(0, 1), reduce=None) -> float:
+    """Mean loss over the labelled tokens of the validation batches (each worker takes its
+    share of every batch; `reduce` sums over the workers)."""
     import torch  # noqa: PLC0415
 
     model.eval()
+    rank, world = shard
     total, count = 0.0, 0
     with torch.no_grad():
         for b, start in enumerate(range(0, len(items), batch_size)):
             if max_batches != -1 and b >= max_batches:
                 break
-            batch = data.collate(items[start:start + batch_size], pad_id)
-            loss, ntok = batch_loss(model, batch, dev, cache)
-            total += loss.item()
-            count += ntok
+            mine = items[start:start + batch_size][rank::world]
+            if mine:
+                loss, ntok = batch_loss(model, data.collate(mine, pad_id), dev, cache)
+                total += loss.item()
+                count += ntok
+    if reduce:
+        total, count = reduce([total, count])
     return total / max(count, 1)
 
 
