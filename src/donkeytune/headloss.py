@@ -32,7 +32,8 @@ class _HeadLoss(torch.autograd.Function):
                 if softcap:
                     probs *= 1.0 - squashed * squashed  # d(cap * tanh(z / cap)) / dz
                 grad[s:s + CHUNK] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad) if need_grad else None
+        if need_grad:
+            ctx.save_for_backward(grad)
         return total
 
     @staticmethod

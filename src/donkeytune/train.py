@@ -533,8 +533,6 @@ def _check_resume_matches(source: Path, folder: Path, opts: TrainOptions) -> Non
                 f"but MODEL is {opts.model!r}",
                 f"set MODEL={run['base_model']} (or leave it unset), or train from scratch")
     if config_file.is_file():
-        import json  # noqa: PLC0415
-
         rank = json.loads(config_file.read_text()).get("r")
         if rank is not None and rank != opts.rank:
             raise ConfigError(f"RESUME_FROM adapter has rank {rank}, but RANK={opts.rank}",
