@@ -48,6 +48,34 @@ def test_packed_examples_do_not_see_each_other(arch, tiny_model):
     assert packed == pytest.approx(alone, rel=1e-5)
 
 
+LONG = [{"role": "user", "content": "Count: " + " ".join(str(i) for i in range(70))},
+        {"role": "assistant", "content": " ".join(str(i) for i in range(70, 160))}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_packed_attention_matches_transformers_attention(arch, tiny_model):
+    """Our per-example attention (small matmul path, SDPA path for long examples, Gemma's
+    sliding window) gives the loss and LoRA gradients of transformers' own SDPA attention
+    run on each example alone."""
+    model = lora_model(tiny_model(arch))
+    assert model.config._attn_implementation == "donkeytune_packed"
+    tok = device.load_tokenizer(tiny_model(arch))
+    items = [data.tokenize(tok, m) for m in [*CHATS[:5], LONG, CHATS[5]]]
+    assert max(len(x.input_ids) for x in items) > 2 * 128  # beyond the small path and the window
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batches):
+        total = sum(train.batch_loss(model, b, "cpu")[0] for b in batches)
+        return total.item(), torch.autograd.grad(total, params)
+
+    ours = loss_and_grads([data.collate(items, tok.pad_token_id)])
+    model.get_base_model().set_attn_implementation("sdpa")
+    stock = loss_and_grads([data.collate([x], tok.pad_token_id) for x in items])
+    assert ours[0] == pytest.approx(stock[0], rel=1e-5)
+    for a, b in zip(ours[1], stock[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_prefix_cache_replays_the_frozen_blocks(tiny_model):
     model = lora_model(tiny_model("llama"), num_layers=1)
     items, pad = items_for(tiny_model("llama"))
