@@ -128,3 +128,27 @@ def test_bf16_loss_curve_follows_the_float32_reference(tiny_model, tmp_path):
     for i in range(4, 50):
         r, f = sum(ref[i - 4:i + 1]) / 5, sum(fast[i - 4:i + 1]) / 5
         assert abs(f - r) / r <= 0.02, (i, r, f)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_word_dropout_drops_p_and_keeps_the_mean(p):
+    from donkeytune.dropout import WordDropout
+
+    layer = WordDropout(p)
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    y = layer(x).float()
+    dropped = (y == 0).float()
+    assert dropped.mean().item() == pytest.approx(p, abs=0.002)  # 1e6 draws: sd <= 0.0005
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    # every column of every 64-bit word is random: the rate holds for each of the four
+    assert dropped.view(-1, 4).mean(0).sub(p).abs().max().item() < 0.004
+    assert layer.eval()(x) is x
+
+
+def test_lora_layers_use_word_dropout(tiny_model):
+    from donkeytune.dropout import WordDropout
+
+    opts = config.resolve(config.TrainOptions, dict(iters=1, num_layers=2, rank=4, dropout=0.1), environ={})
+    model = train.add_lora(device.load_model(tiny_model("llama"), "cpu", torch.float32), opts)
+    layers = [m for m in model.modules() if isinstance(m, WordDropout)]
+    assert len(layers) == 2 * 7 and all(m.p == 0.1 for m in layers)
