@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,9 @@ def step_losses(out):
     return [r.get("step_loss", r.get("val_loss")) for r in rows if "step_loss" in r or "val_loss" in r]
 
 
-def test_two_workers_match_one_process(tiny_model, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_workers_match_one_process(fsdp, tiny_model, tmp_path):
+    """With --fsdp the frozen block weights are split across the workers (FSDP2): half on each."""
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", CHATS[:12])
     write_jsonl(data / "valid.jsonl", CHATS[9:])  # 4 examples: one validation batch, split 2 + 2
@@ -39,10 +42,16 @@ def test_two_workers_match_one_process(tiny_model, tmp_path):
 
     multi = tmp_path / "two"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags(tiny_model("llama"), data, multi).items()]
-    p = subprocess.run([sys.executable, "-m", "donkeytune", "train", "--devices", "2", *args],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "donkeytune", "train", "--devices", "2", *args,
+                        *(["--fsdp"] if fsdp else [])], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("Iter 6: Train loss") == 1  # only the first worker reports
+    shares = re.findall(r"FSDP: each worker holds ([\d.]+) MB of the ([\d.]+) MB", p.stdout + p.stderr)
+    if fsdp:  # said once (by the first worker), from the sizes of its local shards
+        [(held, total)] = shares
+        assert float(held) == pytest.approx(float(total) / 2, rel=0.05)
+    else:
+        assert not shares
 
     want, got = load_file(single / "adapters" / "adapter_model.safetensors"), \
         load_file(multi / "adapters" / "adapter_model.safetensors")
@@ -53,6 +62,11 @@ def test_two_workers_match_one_process(tiny_model, tmp_path):
     # one set of files, the same as a single process writes
     names = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())  # noqa: E731
     assert names(multi) == names(single)
+
+
+def test_fsdp_needs_several_devices():
+    with pytest.raises(ConfigError, match="FSDP splits the model across several workers"):
+        config.resolve(config.TrainOptions, {"fsdp": True}, environ={})
 
 
 def test_more_devices_than_examples_per_step_is_refused():
@@ -78,7 +92,8 @@ def test_gradients_are_summed_like_one_process():
 
 
 
-def test_two_worker_run_resumes_on_two_workers(tiny_model, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_worker_run_resumes_on_two_workers(fsdp, tiny_model, tmp_path):
     """`--resume` of a 2-worker run relaunches 2 workers and ends with the uninterrupted adapter."""
     import shutil
 
@@ -87,7 +102,8 @@ def test_two_worker_run_resumes_on_two_workers(tiny_model, tmp_path):
     full = tmp_path / "full"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags(tiny_model("llama"), data, full).items()]
     p = subprocess.run([sys.executable, "-m", "donkeytune", "train", "--devices", "2", *args,
-                        "--save-every=2", "--keep=-1"], capture_output=True, text=True, timeout=600)
+                        "--save-every=2", "--keep=-1", *(["--fsdp"] if fsdp else [])],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     # as if stopped right after the checkpoint at step 4: the same folder, resumed
     part = tmp_path / "part"
@@ -97,6 +113,7 @@ def test_two_worker_run_resumes_on_two_workers(tiny_model, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Resuming at iteration 4" in p.stderr
+    assert ("FSDP: each worker holds" in p.stdout + p.stderr) == fsdp  # resumed as it was started
     want = load_file(full / "adapters" / "adapter_model.safetensors")
     got = load_file(part / "adapters" / "adapter_model.safetensors")
     assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6

@@ -41,6 +41,16 @@ def test_estimate_grows_with_batch_layers_and_length():
     assert e.lora == 651_264 * 16
 
 
+def test_fsdp_estimate_holds_a_share_of_the_blocks():
+    """SmolLM2: 30 blocks of 3,538,944 linear weights (106.2M) + 28.3M embedding, bf16."""
+    blocks = 30 * 3_538_944
+    for shards in (2, 4):
+        e = memory.estimate_training(SMOL, 135_000_000, tokens=1, labelled=1, num_layers=8, rank=8,
+                                     shards=shards)
+        # the rest whole, 1/N of the blocks, and one block gathered at a time
+        assert e.weights == pytest.approx((135_000_000 - blocks + blocks / shards + blocks / 30) * 2)
+
+
 def test_count_params_reads_the_safetensors_headers(tiny_model):
     from transformers import AutoModelForCausalLM
 

@@ -183,6 +183,9 @@ class TrainOptions(ModelOptions):
                       env="FORCE")
     devices: int = opt(1, "training processes: N GPUs (or N CPU processes, gloo) launched with "
                        "torchrun; BATCH_SIZE stays the examples per optimizer step", env="DEVICES")
+    fsdp: bool = opt(False, "with DEVICES > 1: split the frozen base weights of every block across "
+                     "the workers (FSDP), for a model that does not fit on one device; the LoRA "
+                     "weights stay whole on each", env="FSDP")
     report_to: str | None = opt(None, "also log the metrics to tensorboard or wandb (their own "
                                 "packages)", env="REPORT_TO", choices=("tensorboard", "wandb"))
 
@@ -191,6 +194,8 @@ class TrainOptions(ModelOptions):
         _check(self.devices >= 1, f"DEVICES must be at least 1, got {self.devices}")
         _check(self.devices == 1 or self.engine != "mlx", "the MLX engine trains on one device",
                "drop DEVICES, or use ENGINE=torch")
+        _check(not self.fsdp or self.devices > 1, "FSDP splits the model across several workers",
+               "add DEVICES=2 (or more), or drop FSDP")
         _check(self.batch_size is None or self.batch_size >= self.devices,
                f"BATCH_SIZE={self.batch_size} is smaller than DEVICES={self.devices}: some workers "
                "would get no example", f"set BATCH_SIZE to at least {self.devices}")

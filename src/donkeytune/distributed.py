@@ -78,3 +78,35 @@ def launch(opts) -> int:
         return subprocess.call(cmd)  # workers see WORLD_SIZE and do not launch again
     finally:
         os.unlink(f.name)
+
+
+def shard_frozen_blocks(model, dev: str) -> tuple[int, int]:
+    """FSDP (torch's fully_shard) on every transformer block: each worker keeps 1/N of the
+    frozen base weights, and a block's weights are gathered only while the forward or
+    backward pass is inside it. The LoRA weights are left out of FSDP: whole on every
+    worker, their gradients summed as without FSDP, so checkpoints stay plain.
+
+    Returns the bytes of frozen block weights this worker holds, and their total."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    mesh = init_device_mesh(torch.device(dev).type, (dist.get_world_size(),))
+    held = total = 0
+    for block in model.get_base_model().get_decoder().layers:
+        lora = {p for p in block.parameters() if p.requires_grad}
+        # resharded after every forward on every worker, so all of them gather in step (a block
+        # that is its own FSDP root would otherwise stay gathered until something reshards it)
+        fully_shard(block, mesh=mesh, ignored_params=lora, reshard_after_forward=True)
+        for p in block.parameters():
+            if not p.requires_grad:
+                held += p.to_local().numel() * p.element_size()
+                total += p.numel() * p.element_size()
+    # the model was loaded on the CPU so that no worker holds all of it on its device; FSDP
+    # moved the shards there, the rest (embeddings, final norm, LoRA weights) follows
+    for t in [*model.parameters(), *model.buffers()]:
+        if not isinstance(t, DTensor) and t.device != torch.device(dev):
+            t.data = t.data.to(dev)
+    return held, total

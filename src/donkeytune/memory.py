@@ -70,10 +70,12 @@ class Estimate:
 
 def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, num_layers: int,
                       rank: int, dtype_bytes: int = 2, dropout: bool = True, cached_tokens: int = 0,
-                      baseline: float = BASELINE) -> Estimate:
+                      baseline: float = BASELINE, shards: int = 1) -> Estimate:
     """Peak memory of a LoRA training step on `tokens` (packed) tokens, from the model's config.
 
     - weights: every parameter in the compute dtype (frozen; no gradient, no optimizer state);
+      with FSDP over `shards` workers, each holds 1/shards of the block linears (plus one
+      block gathered at a time);
     - LoRA: rank x (in + out) per adapted linear, fp32, x4 for weight, gradient and Adam's two moments;
     - activations, kept for the backward pass in the adapted blocks only (frozen blocks below keep
       nothing, and frozen linears keep no input): per token and block, ACT_HIDDEN x hidden +
@@ -95,12 +97,13 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
     linears = [(hidden, q_out), (hidden, kv), (hidden, kv), (q_out, hidden),
                (hidden, inter), (hidden, inter), (inter, hidden)]
     lora_params = layers * sum(rank * (i + o) for i, o in linears)
+    blocks = min(n_blocks * sum(i * o for i, o in linears), n_params)
     block = (ACT_HIDDEN * hidden + ACT_INTER * inter) * dtype_bytes / 2
     if not dropout:
         block -= 6 * hidden + inter  # no dropout masks (1 byte per LoRA input)
     return Estimate(
         baseline=baseline,
-        weights=n_params * dtype_bytes,
+        weights=(n_params - blocks + blocks / shards + blocks / n_blocks * (shards > 1)) * dtype_bytes,
         lora=lora_params * 16,
         activations=tokens * layers * block + min(cached_tokens * hidden * dtype_bytes, GB),
         logits=min(labelled, CHUNK) * cfg["vocab_size"] * 8,
@@ -168,7 +171,9 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
             tokens = min(tokens, o.batch_size * o.max_seq_length)
         return estimate_training(cfg, n_params, tokens=tokens, labelled=labelled,
                                  num_layers=o.num_layers, rank=o.rank, dtype_bytes=dtype_bytes,
-                                 dropout=o.dropout > 0, baseline=baseline, cached_tokens=cached)
+                                 dropout=o.dropout > 0, baseline=baseline,
+                                 cached_tokens=0 if o.fsdp else cached,  # FSDP runs keep no prefix
+                                 shards=o.devices if o.fsdp else 1)
 
     cached = sum(len(t.input_ids) for t in train_set)
     need = estimate(opts)

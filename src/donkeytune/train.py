@@ -35,6 +35,9 @@ def run(opts: TrainOptions) -> Path:
         checkpoint = latest_checkpoint(opts.adapter_dir)
         opts = _recorded_options(checkpoint, opts)  # its DATA_DIR, ITERS, LR, ...
     dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
+    if len(dataset.train) < opts.devices:
+        raise ConfigError(f"{len(dataset.train)} training examples for DEVICES={opts.devices}: some "
+                          "workers would get none", f"use DEVICES={max(len(dataset.train), 1)} or fewer")
     resume = _resume_source(opts)
     _check_output_dir(opts, resume or checkpoint)
     opts = dataclasses.replace(opts, engine=engines.pick(opts.engine, checkpoint))  # torch or mlx
@@ -69,16 +72,21 @@ def run(opts: TrainOptions) -> Path:
     _print_plan(opts, train_set, valid_set)
 
     torch.manual_seed(opts.seed)
-    base = device.load_model(folder, dev, dtype, trust_remote_code=opts.trust_remote_code)
+    base = device.load_model(folder, "cpu" if opts.fsdp else dev, dtype,
+                             trust_remote_code=opts.trust_remote_code)
     model = add_lora(base, opts)
     if resume:
         load_adapter_weights(model, resume)
+    if opts.fsdp:
+        held, total = distributed.shard_frozen_blocks(model, dev)
+        say(f"FSDP: each worker holds {held / 2**20:.1f} MB of the {total / 2**20:.1f} MB of frozen "
+            f"block weights")
     if group is None or group.main:
         model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0,
                                   fused=torch.device(dev).type in ("cpu", "cuda"))
-    cache = prefix_cache(model)
+    cache = None if opts.fsdp else prefix_cache(model)  # FSDP: blocks run in lockstep on all workers
     shard = (group.rank, group.world) if group else (0, 1)  # this worker's share of every batch
     start = restore_checkpoint(checkpoint, model, optimizer, shard[1]) if checkpoint else 0
     if cache and start:
@@ -459,11 +467,13 @@ def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev, cache=None
         for b, start in enumerate(range(0, len(items), batch_size)):
             if max_batches != -1 and b >= max_batches:
                 break
-            mine = items[start:start + batch_size][rank::world]
+            mine, weight = items[start:start + batch_size][rank::world], 1
+            if not mine and reduce:  # every worker runs every batch (FSDP gathers weights together)
+                mine, weight = items[start:start + 1], 0
             if mine:
                 loss, ntok = batch_loss(model, data.collate(mine, pad_id), dev, cache)
-                total += loss.item()
-                count += ntok
+                total += loss.item() * weight
+                count += ntok * weight
     if reduce:
         total, count = reduce([total, count])
     return total / max(count, 1)
