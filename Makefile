@@ -27,7 +27,7 @@ help:
 	@echo ""
 	@echo "  make demo          set up, then train + convert + test on the built-in model and examples/facts (offline)"
 	@echo "  make check         run the test suite (check-slow: the real-model tests)"
-	@echo "  make bench         training speed against TRL + PEFT, same data and LoRA (CASES=a,b,c)"
+	@echo "  make bench         training speed against TRL + PEFT, same data and LoRA (CASES=a,b,c,d)"
 	@echo "  make setup         create $(VENV) and install DonkeyTune"
 	@echo ""
 	@echo "  make train         fine-tune: MODEL= ITERS= BATCH_SIZE= NUM_LAYERS= LR= RANK= DATA_DIR= CONFIG="

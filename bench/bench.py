@@ -34,6 +34,10 @@ CASES = {
               warmup=1, steps=3),
     "c": dict(title="Qwen2.5-0.5B shapes (random weights), short chats", model="qwen05", data="short",
               batch=4, warmup=2, steps=8),
+    # most real runs see their examples many times (ITERS x BATCH_SIZE > examples): the same 32
+    # examples twice, timed over the second epoch, where we reuse the frozen blocks' outputs
+    "d": dict(title="SmolLM2-135M, short chats, second epoch", model="smollm2", data="short", batch=4,
+              warmup=8, steps=8, epochs=2),
 }
 
 QWEN05 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896,
@@ -65,6 +69,13 @@ def model_dir(name: str) -> Path:
     return target
 
 
+def case_examples(case: dict) -> list[list[dict]]:
+    """The chats of a case in training order: `epochs` passes over the same examples."""
+    epochs = case.get("epochs", 1)
+    n = (case["warmup"] + case["steps"]) * case["batch"]
+    return examples(case["data"], n // epochs) * epochs
+
+
 def examples(kind: str, n: int) -> list[list[dict]]:
     """Single-turn chats (system, user, assistant) in a fixed order."""
     from donkeytune import data
@@ -93,14 +104,15 @@ def matmul_tflops() -> float:
     return 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - t) / 1e12
 
 
-def flops_per_token(cfg: dict, labelled_fraction: float) -> float:
-    """Model FLOPs of a LoRA step per token: forward through every block, backward (input
-    gradients) through the LoRA blocks, LM head forward + backward on labelled tokens."""
+def flops_per_token(cfg: dict, labelled_fraction: float, frozen_reused: bool = False) -> float:
+    """Model FLOPs of a LoRA step per token: forward through every block (only the LoRA blocks
+    when the frozen blocks' outputs are reused), backward (input gradients) through the LoRA
+    blocks, LM head forward + backward on labelled tokens."""
     d, f, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = d * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
     block = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o, k, v, gate, up, down
     top = min(LORA["num_layers"], layers)
-    return 2 * block * layers + 2 * block * top + 4 * d * v * labelled_fraction
+    return 2 * block * (top if frozen_reused else layers) + 2 * block * top + 4 * d * v * labelled_fraction
 
 
 # ---------------------------------------------------------------- the engines (child processes)
@@ -118,10 +130,12 @@ def run_ours(case: dict, out: Path) -> dict:
         output_dir=str(out)), environ={})
     device.set_threads()
     tok = device.load_tokenizer(folder)
-    chats = examples(case["data"], opts.iters * opts.batch_size)
-    items = [data.tokenize(tok, m) for m in chats]
+    chats = case_examples(case)
+    unique = {id(m): data.tokenize(tok, m) for m in chats}  # an example seen again is the same item
+    items = [unique[id(m)] for m in chats]
     torch.manual_seed(0)
     model = train.add_lora(device.load_model(folder, "cpu", torch.bfloat16), opts)
+    cache = train.prefix_cache(model)  # as train.run: frozen-block outputs kept for the next epoch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     times, losses = [], []
@@ -129,7 +143,7 @@ def run_ours(case: dict, out: Path) -> dict:
         batch = data.collate(items[s * opts.batch_size:(s + 1) * opts.batch_size], tok.pad_token_id)
         t = time.perf_counter()
         model.train()
-        loss, n = train.batch_loss(model, batch, "cpu")
+        loss, n = train.batch_loss(model, batch, "cpu", cache)
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +166,7 @@ def run_trl(case: dict, out: Path) -> dict:
     folder = model_dir(case["model"])
     device.set_threads()
     steps = case["warmup"] + case["steps"]
-    chats = examples(case["data"], steps * case["batch"])
+    chats = case_examples(case)
     ds = Dataset.from_list([{"prompt": m[:2], "completion": m[2:]} for m in chats])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     n_layers = model.config.num_hidden_layers
@@ -205,7 +219,7 @@ def measure(engine: str, case_name: str, tmp: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default="a,b,c")
+    p.add_argument("--cases", default="a,b,c,d")
     p.add_argument("--child", choices=("ours", "trl"))
     p.add_argument("--tmp", default=str(ROOT / "bench" / ".work"))
     args = p.parse_args()
@@ -225,7 +239,7 @@ def main() -> None:
         w, b = case["warmup"], case["batch"]
         tokens = sum(ours["lengths"][w * b:])
         cfg = json.loads((model_dir(case["model"]) / "config.json").read_text())
-        fpt = flops_per_token(cfg, ours["labelled"] / sum(ours["lengths"]))
+        fpt = flops_per_token(cfg, ours["labelled"] / sum(ours["lengths"]), case.get("epochs", 1) > 1)
         row = {}
         for label, r in (("ours", ours), ("trl", trl)):
             secs = sum(r["times"][w:])
