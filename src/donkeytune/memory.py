@@ -27,10 +27,10 @@ FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f
 BASELINE = 0.7 * GB
 # Activation bytes per token and adapted block, in units of hidden / intermediate size (bf16).
 # The tensors autograd saves come to about 40 x hidden + 8 x intermediate; peak RSS of SmolLM2-135M
-# runs grows twice as fast (temporaries and allocator slack), so the measured slope is used:
-# estimate / peak RSS = 1.13 at batch 2, 1.02 at batch 8 (tests/test_memory.py). CHUNK: headloss.CHUNK.
-ACT_HIDDEN, ACT_INTER = 80, 16
-CHUNK = 2048
+# runs grows faster (temporaries and allocator slack), so the measured slope is used:
+# estimate / peak RSS = 1.09 at batch 2 and at batch 8 (tests/test_memory.py). CHUNK: headloss.CHUNK.
+ACT_HIDDEN, ACT_INTER = 60, 16
+CHUNK = 128
 
 
 def count_params(folder: Path) -> int:
