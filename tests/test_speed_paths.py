@@ -92,11 +92,16 @@ def test_prefix_cache_replays_the_frozen_blocks(tiny_model):
     assert sum(first) == pytest.approx(sum(plain), rel=1e-5)
 
 
+@pytest.mark.parametrize("block", [4096, 64], ids=["one-block", "five-blocks"])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_head_loss_matches_cross_entropy(softcap):
+def test_head_loss_matches_cross_entropy(softcap, block, monkeypatch):
+    """Several position chunks; the vocabulary in one block, or in 5 (the online softmax)."""
+    from donkeytune import headloss
+
+    monkeypatch.setattr(headloss, "BLOCK", block)
     torch.manual_seed(0)
     hidden = torch.randn(5000, 32, requires_grad=True)  # more than one chunk
-    weight = torch.randn(300, 32) * 0.3
+    weight = torch.randn(300, 32) * 2.0  # large logits: the running maximum matters
     targets = torch.randint(0, 300, (5000,))
     logits = hidden @ weight.T
     if softcap:

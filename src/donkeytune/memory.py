@@ -28,9 +28,9 @@ BASELINE = 0.7 * GB
 # Activation bytes per token and adapted block, in units of hidden / intermediate size (bf16).
 # The tensors autograd saves come to about 40 x hidden + 8 x intermediate; peak RSS of SmolLM2-135M
 # runs grows faster (temporaries and allocator slack), so the measured slope is used:
-# estimate / peak RSS = 1.09 at batch 2 and at batch 8 (tests/test_memory.py). CHUNK: headloss.CHUNK.
+# estimate / peak RSS = 1.09 at batch 2 and at batch 8 (tests/test_memory.py).
 ACT_HIDDEN, ACT_INTER = 60, 16
-CHUNK = 128
+CHUNK, BLOCK = 512, 4096  # headloss.CHUNK positions x headloss.BLOCK vocabulary rows
 
 
 def count_params(folder: Path) -> int:
@@ -82,8 +82,8 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
       ACT_INTER x intermediate bytes (attention's q, k, v and output, the MLP's gate, up and
       silu, the RMSNorms' fp32 tensors, the LoRA inputs and dropout masks), plus the frozen
       blocks' output kept per example by the prefix cache (`cached_tokens`, at most 1 GB);
-    - logits: the LM head runs on labelled positions only, in chunks of CHUNK positions:
-      fp32 logits and probabilities of one chunk (8 bytes a vocabulary entry).
+    - logits: the LM head runs on labelled positions only, CHUNK positions by BLOCK vocabulary
+      rows at a time: fp32 logits, exponentials and the bf16 copy (12 bytes an entry).
     """
     cfg = cfg.get("text_config", cfg)
     hidden, inter = cfg["hidden_size"], cfg.get("intermediate_size", 4 * cfg["hidden_size"])
@@ -106,7 +106,7 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
         weights=(n_params - blocks + blocks / shards + blocks / n_blocks * (shards > 1)) * dtype_bytes,
         lora=lora_params * 16,
         activations=tokens * layers * block + min(cached_tokens * hidden * dtype_bytes, GB),
-        logits=min(labelled, CHUNK) * cfg["vocab_size"] * 8,
+        logits=min(labelled, CHUNK) * min(cfg["vocab_size"], BLOCK) * 12,
     )
 
 
