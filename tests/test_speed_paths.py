@@ -136,26 +136,33 @@ def test_bf16_loss_curve_follows_the_float32_reference(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_word_dropout_drops_p_and_keeps_the_mean(p):
-    from donkeytune.dropout import WordDropout
+def test_gap_dropout_drops_each_element_with_probability_p(p):
+    from donkeytune.dropout import GapDropout
 
-    layer = WordDropout(p)
-    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
-    y = layer(x).float()
+    torch.manual_seed(0)
+    layer = GapDropout(p)
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
     dropped = (y == 0).float()
     assert dropped.mean().item() == pytest.approx(p, abs=0.002)  # 1e6 draws: sd <= 0.0005
-    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
-    # every column of every 64-bit word is random: the rate holds for each of the four
-    assert dropped.view(-1, 4).mean(0).sub(p).abs().max().item() < 0.004
+    assert y.float().mean().item() == pytest.approx(1.0, abs=0.01)
+    # the same rate at the start, middle and end of the tensor, and drops independent of
+    # the element before (a gap distribution other than Geometric(p) would show here)
+    assert dropped.mean(1).view(10, 100).mean(1).sub(p).abs().max().item() < 0.005
+    flat = dropped.flatten()
+    after_drop = flat[1:][flat[:-1] == 1].mean().item()
+    assert after_drop == pytest.approx(p, abs=0.01)
+    y.float().sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # no gradient through a dropped element
     assert layer.eval()(x) is x
 
 
-def test_lora_layers_use_word_dropout(tiny_model):
-    from donkeytune.dropout import WordDropout
+def test_lora_layers_use_gap_dropout(tiny_model):
+    from donkeytune.dropout import GapDropout
 
     opts = config.resolve(config.TrainOptions, dict(iters=1, num_layers=2, rank=4, dropout=0.1), environ={})
     model = train.add_lora(device.load_model(tiny_model("llama"), "cpu", torch.float32), opts)
-    layers = [m for m in model.modules() if isinstance(m, WordDropout)]
+    layers = [m for m in model.modules() if isinstance(m, GapDropout)]
     assert len(layers) == 2 * 7 and all(m.p == 0.1 for m in layers)
 
 

@@ -1,34 +1,73 @@
-"""LoRA dropout with cheaper random numbers.
+"""LoRA dropout that draws one random number per dropped element, not one per element.
 
-nn.Dropout draws one random number per element through torch's Bernoulli sampler, about
-4-5 ns each on this CPU: 14 % of a LoRA step on SmolLM2 (seven masks per block). Here one
-64-bit random word gives four 16-bit draws, and an element is dropped when its draw falls
-below round(p * 65536): the drop rate is p to within 1/131072, and kept elements are
-scaled by the exact inverse of the keep rate, so the expectation is unchanged.
+nn.Dropout draws a Bernoulli number for every element, about 4-5 ns each on this CPU: 14 % of
+a LoRA step on SmolLM2 (seven masks per block). In a Bernoulli(p) sequence the gaps between
+dropped elements are independent Geometric(p) numbers, so the dropped positions come from
+n x p gaps drawn by inverse CDF, one uniform each, and the input is scaled and zeroed there.
+Same distribution as nn.Dropout (up to the 2^-24 grid of the uniforms), 20x fewer draws at
+p = 0.05.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-class WordDropout(torch.nn.Dropout):
+def dropped_positions(n: int, p: float, device=None) -> torch.Tensor:
+    """Sorted positions among n, each one in it with probability p, independently."""
+    scale = 1.0 / math.log1p(-p)
+    found, end = [], -1
+    while end < n - 1:  # one round in all but ~1e-15 of cases: k is the mean + 8 sd
+        mean = (n - 1 - end) * p
+        k = int(mean + 8 * math.sqrt(mean) + 16)
+        uniform = 1.0 - torch.rand(k, device=device).double()  # in (0, 1]
+        gaps = uniform.log_().mul_(scale).ceil_().clamp_(min=1).long()  # Geometric(p) on 1, 2, ...
+        pos = gaps.cumsum_(0).add_(end)
+        found.append(pos)
+        end = int(pos[-1])
+    pos = torch.cat(found) if len(found) > 1 else found[0]
+    return pos[:int(torch.searchsorted(pos, n))]
+
+
+class _ScaleAndZero(torch.autograd.Function):
+    """x * scale with the elements at `drop` zeroed; the same for the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, drop, scale):
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return _scale_and_zero(x, drop, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (drop,) = ctx.saved_tensors
+        return _scale_and_zero(grad, drop, ctx.scale), None, None
+
+
+def _scale_and_zero(x, drop, scale):
+    out = (x * scale).contiguous()
+    out.view(-1).index_fill_(0, drop, 0)
+    return out
+
+
+class GapDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        threshold = round(self.p * 65536)
-        n = x.numel()
-        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= threshold - 32768
-        return torch.where(keep, x, 0) * (65536 / (65536 - threshold))
+        if self.p == 1.0:
+            return x * 0.0
+        drop = dropped_positions(x.numel(), self.p, x.device)
+        return _ScaleAndZero.apply(x, drop, 1.0 / (1.0 - self.p))
 
 
 def replace_lora_dropout(model) -> None:
-    """Swap PEFT's nn.Dropout inside every LoRA layer for WordDropout (same p)."""
+    """Swap PEFT's nn.Dropout inside every LoRA layer for GapDropout (same p)."""
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415
 
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for name, layer in module.lora_dropout.items():
                 if type(layer) is torch.nn.Dropout:
-                    module.lora_dropout[name] = WordDropout(layer.p)
+                    module.lora_dropout[name] = GapDropout(layer.p)
