@@ -28,8 +28,8 @@ BASELINE = 0.7 * GB
 # Activation bytes per token and adapted block, in units of hidden / intermediate size (bf16).
 # The tensors autograd saves come to about 40 x hidden + 8 x intermediate; peak RSS of SmolLM2-135M
 # runs grows faster (temporaries and allocator slack), so the measured slope is used:
-# estimate / peak RSS = 1.20 at batch 2, 1.03 at batch 8 (tests/test_memory.py).
-ACT_HIDDEN, ACT_INTER = 60, 16
+# estimate / peak RSS = 1.16 at batch 2, 1.07 at batch 8 (tests/test_memory.py).
+ACT_HIDDEN, ACT_INTER = 36, 16
 CHUNK, BLOCK = 512, 4096  # headloss.CHUNK positions x headloss.BLOCK vocabulary rows
 
 
