@@ -26,9 +26,8 @@ FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f
 # batch size for SmolLM2-135M (Linux x86 CPU, torch 2.13). On a GPU the CUDA context is about 0.5 GB.
 BASELINE = 0.7 * GB
 # Activation bytes per token and adapted block, in units of hidden / intermediate size (bf16).
-# The tensors autograd saves come to about 40 x hidden + 8 x intermediate; peak RSS of SmolLM2-135M
-# runs grows faster (temporaries and allocator slack), so the measured slope is used:
-# estimate / peak RSS = 1.16 at batch 2, 1.07 at batch 8 (tests/test_memory.py).
+# Taken from the measured slope of peak RSS against batch tokens for SmolLM2-135M (saved tensors,
+# temporaries and allocator slack together): estimate / peak RSS = 1.16 at batch 2, 1.07 at batch 8 (tests/test_memory.py).
 ACT_HIDDEN, ACT_INTER = 36, 16
 CHUNK, BLOCK = 512, 4096  # headloss.CHUNK positions x headloss.BLOCK vocabulary rows
 
