@@ -27,7 +27,8 @@ FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f
 BASELINE = 0.7 * GB
 # Activation bytes per token and adapted block, in units of hidden / intermediate size (bf16).
 # Taken from the measured slope of peak RSS against batch tokens for SmolLM2-135M (saved tensors,
-# temporaries and allocator slack together): estimate / peak RSS = 1.16 at batch 2, 1.07 at batch 8 (tests/test_memory.py).
+# temporaries and allocator slack together): estimate / peak RSS = 1.16 at batch 2 and 1.07 at
+# batch 8 (tests/test_memory.py).
 ACT_HIDDEN, ACT_INTER = 36, 16
 CHUNK, BLOCK = 512, 4096  # headloss.CHUNK positions x headloss.BLOCK vocabulary rows
 
