@@ -117,3 +117,15 @@ def test_two_worker_run_resumes_on_two_workers(fsdp, tiny_model, tmp_path):
     want = load_file(full / "adapters" / "adapter_model.safetensors")
     got = load_file(part / "adapters" / "adapter_model.safetensors")
     assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
+
+
+def test_fewer_examples_than_devices_is_refused(tmp_path):
+    """Refused before any model loads or worker starts, with the fix."""
+    write_jsonl(tmp_path / "data" / "train.jsonl", CHATS[:1])
+    opts = config.resolve(config.TrainOptions, dict(data_dir=str(tmp_path / "data"), devices=2,
+                                                    batch_size=2, output_dir=str(tmp_path / "out")),
+                          environ={})
+    with pytest.raises(ConfigError, match="1 training examples for DEVICES=2") as err:
+        train.run(opts)
+    assert "DEVICES=1" in err.value.fix
+    assert not (tmp_path / "out").exists()

@@ -363,8 +363,8 @@ def metrics_file(opts: TrainOptions) -> Path:
 
 def add_lora(model, opts: TrainOptions):
     """Wrap `model` in PEFT LoRA on every linear layer of the last NUM_LAYERS blocks; its
-    packed rows attend per example (attention.py), its dropout draws cheaper random bits
-    (dropout.py)."""
+    packed rows attend per example (attention.py), its dropout draws only the dropped
+    positions (dropout.py)."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
@@ -407,10 +407,9 @@ def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int
     import torch  # noqa: PLC0415
 
     causal = model.get_base_model()
-    low = causal.dtype if causal.dtype != torch.float32 else None
     steps = min(start, max(len(train_set) // opts.batch_size, 1))
     first_epoch = data.batches(train_set, opts.batch_size, opts.seed, pad_id, shard=shard)
-    with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=low, enabled=low is not None):
+    with torch.no_grad(), _compute_dtype(causal, dev):
         for _ in range(steps):
             batch = next(first_epoch)
             ids = torch.tensor(batch.input_ids, device=dev)
@@ -443,15 +442,22 @@ def batch_loss(model, batch: data.Batch, dev, cache=None):
     ids, pos, labels = (torch.tensor(x, device=dev) for x in
                         (batch.input_ids, batch.position_ids, batch.labels))
     causal = model.get_base_model()
-    low = causal.dtype if causal.dtype != torch.float32 else None
     replay = cache.batch(batch.segments, ids.shape) if cache else contextlib.nullcontext()
-    with torch.autocast(torch.device(dev).type, dtype=low, enabled=low is not None), replay:
+    with _compute_dtype(causal, dev), replay:
         hidden = causal.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != data.IGNORE
     cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
     loss = head_loss(hidden[:, :-1][keep], causal.get_output_embeddings().weight, targets[keep], cap)
     return loss, int(keep.sum())
+
+
+def _compute_dtype(causal, dev):
+    """Autocast to the base model's dtype when it is not float32 (fp32 LoRA weights, bf16 blocks)."""
+    import torch  # noqa: PLC0415
+
+    low = causal.dtype if causal.dtype != torch.float32 else None
+    return torch.autocast(torch.device(dev).type, dtype=low, enabled=low is not None)
 
 
 def evaluate_loss(model, items, batch_size, max_batches, pad_id, dev, cache=None,
