@@ -122,7 +122,7 @@ def flops_per_token(cfg: dict, labelled_fraction: float, frozen_reused: bool = F
 def run_ours(case: dict, out: Path) -> dict:
     import torch
 
-    from donkeytune import config, data, device, train
+    from donkeytune import config, data, device, loralinear, train
 
     folder = model_dir(case["model"])
     opts = config.resolve(config.TrainOptions, dict(
@@ -141,16 +141,17 @@ def run_ours(case: dict, out: Path) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     times, losses = [], []
-    for s in range(opts.iters):
-        batch = data.collate(items[s * opts.batch_size:(s + 1) * opts.batch_size], tok.pad_token_id)
-        t = time.perf_counter()
-        model.train()
-        loss, n = train.batch_loss(model, batch, "cpu", cache)
-        (loss / n).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item() / n)
-        times.append(time.perf_counter() - t)
+    with loralinear.packed(model):  # as train.run
+        for s in range(opts.iters):
+            batch = data.collate(items[s * opts.batch_size:(s + 1) * opts.batch_size], tok.pad_token_id)
+            t = time.perf_counter()
+            model.train()
+            loss, n = train.batch_loss(model, batch, "cpu", cache)
+            (loss / n).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item() / n)
+            times.append(time.perf_counter() - t)
     return dict(times=times, losses=losses, lengths=[len(x.input_ids) for x in items],
                 labelled=sum(x.trained_tokens for x in items))
 

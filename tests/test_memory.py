@@ -51,6 +51,13 @@ def test_fsdp_estimate_holds_a_share_of_the_blocks():
         assert e.weights == pytest.approx((135_000_000 - blocks + blocks / shards + blocks / 30) * 2)
 
 
+def test_packed_estimate_holds_the_adapted_blocks_twice():
+    """bf16 on CPU: the 8 adapted blocks' linears are held as W and W^T (loralinear.packed)."""
+    e = memory.estimate_training(SMOL, 135_000_000, tokens=1, labelled=1, num_layers=8, rank=8,
+                                 packed=True)
+    assert e.weights == (135_000_000 + 8 * 3_538_944) * 2
+
+
 def test_count_params_reads_the_safetensors_headers(tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -133,7 +140,8 @@ def test_estimate_within_30_percent_of_peak_rss(batch_size, smollm2_dir, tmp_pat
     est = memory.estimate_training(cfg, memory.count_params(smollm2_dir), tokens=tokens,
                                    labelled=labelled, num_layers=8, rank=8,
                                    dtype_bytes=2 if device.cpu_has_bf16() else 4,
-                                   cached_tokens=sum(len(t.input_ids) for t in train_set))
+                                   cached_tokens=sum(len(t.input_ids) for t in train_set),
+                                   packed=device.cpu_has_bf16())
     print(f"\nbatch {batch_size}: {tokens} tokens ({labelled} labelled): estimate {est.describe()}, "
           f"measured peak RSS {measured / 1e9:.2f} GB, ratio {est.total / measured:.2f}")
     assert abs(est.total - measured) <= 0.3 * measured

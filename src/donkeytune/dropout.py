@@ -38,15 +38,15 @@ class _ScaleAndZero(torch.autograd.Function):
     def forward(ctx, x, drop, scale):
         ctx.save_for_backward(drop)
         ctx.scale = scale
-        return _scale_and_zero(x, drop, scale)
+        return scale_and_zero(x, drop, scale)
 
     @staticmethod
     def backward(ctx, grad):
         (drop,) = ctx.saved_tensors
-        return _scale_and_zero(grad, drop, ctx.scale), None, None
+        return scale_and_zero(grad, drop, ctx.scale), None, None
 
 
-def _scale_and_zero(x, drop, scale):
+def scale_and_zero(x, drop, scale):
     out = (x * scale).contiguous()
     out.view(-1).index_fill_(0, drop, 0)
     return out

@@ -70,12 +70,13 @@ class Estimate:
 
 def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, num_layers: int,
                       rank: int, dtype_bytes: int = 2, dropout: bool = True, cached_tokens: int = 0,
-                      baseline: float = BASELINE, shards: int = 1) -> Estimate:
+                      baseline: float = BASELINE, shards: int = 1, packed: bool = False) -> Estimate:
     """Peak memory of a LoRA training step on `tokens` (packed) tokens, from the model's config.
 
     - weights: every parameter in the compute dtype (frozen; no gradient, no optimizer state);
       with FSDP over `shards` workers, each holds 1/shards of the block linears (plus one
-      block gathered at a time);
+      block gathered at a time); with `packed` weights (loralinear.py, bf16 on CPU), the
+      adapted blocks' linears are held twice (W and W^T, each in oneDNN's layout);
     - LoRA: rank x (in + out) per adapted linear, fp32, x4 for weight, gradient and Adam's two moments;
     - activations, kept for the backward pass in the adapted blocks only (frozen blocks below keep
       nothing, and frozen linears keep no input): per token and block, ACT_HIDDEN x hidden +
@@ -103,7 +104,8 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
         block -= 6 * hidden + inter  # no dropout masks (1 byte per LoRA input)
     return Estimate(
         baseline=baseline,
-        weights=(n_params - blocks + blocks / shards + blocks / n_blocks * (shards > 1)) * dtype_bytes,
+        weights=(n_params - blocks + blocks / shards + blocks / n_blocks * (shards > 1)
+                 + blocks / n_blocks * layers * packed) * dtype_bytes,
         lora=lora_params * 16,
         activations=tokens * layers * block + min(cached_tokens * hidden * dtype_bytes, GB),
         logits=min(labelled, CHUNK) * min(cfg["vocab_size"], BLOCK) * 12,
@@ -173,7 +175,8 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
                                  num_layers=o.num_layers, rank=o.rank, dtype_bytes=dtype_bytes,
                                  dropout=o.dropout > 0, baseline=baseline,
                                  cached_tokens=0 if o.fsdp else cached,  # FSDP runs keep no prefix
-                                 shards=o.devices if o.fsdp else 1)
+                                 shards=o.devices if o.fsdp else 1,
+                                 packed=device == "cpu" and dtype_bytes == 2 and not o.fsdp)
 
     cached = sum(len(t.input_ids) for t in train_set)
     need = estimate(opts)

@@ -59,6 +59,8 @@ def run(opts: TrainOptions) -> Path:
 
     import torch  # noqa: PLC0415
 
+    from . import loralinear  # noqa: PLC0415
+
     device.set_threads(group.world if group else 1)
     dev = device.pick_device(opts.device)
     dtype = device.pick_dtype(opts.dtype, dev)
@@ -135,7 +137,8 @@ def run(opts: TrainOptions) -> Path:
     reporter = Reporter(opts.iters, dev, metrics_file(opts), start) if not group or group.main \
         else QuietReporter()
     agree = (lambda flag: group.sum([float(flag)])[0] > 0) if group else None
-    loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start, agree)
+    with contextlib.nullcontext() if opts.fsdp else loralinear.packed(model):  # FSDP owns the weights
+        loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start, agree)
     if group and not group.main:
         return opts.adapter_dir
     say(f"Adapter saved to {opts.adapter_dir}/ ({ADAPTER_FILE}, {SEED_ADAPTER_FILE})")
@@ -368,7 +371,7 @@ def add_lora(model, opts: TrainOptions):
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
-    from . import attention, dropout  # noqa: PLC0415
+    from . import attention, dropout, loralinear  # noqa: PLC0415
 
     opts = recipe.seed_filled(opts)  # called without run() (Python users, tests): the seed's values
     n_blocks = model.config.get_text_config().num_hidden_layers
@@ -383,6 +386,7 @@ def add_lora(model, opts: TrainOptions):
     attention.enable(model)
     model = get_peft_model(model, config)
     dropout.replace_lora_dropout(model)
+    loralinear.use_fused_lora(model)
     # Under autocast the LoRA matmuls take bf16 inputs as they are; PEFT would copy them to fp32.
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
