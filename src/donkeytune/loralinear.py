@@ -16,8 +16,12 @@ on exit. Packed and plain products are equal bit for bit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
+import mmap
 import platform
+import sys
 import types
 
 import torch
@@ -146,6 +150,32 @@ def _pack(weight):
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 256)
 
 
+def _file_pages() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from safetensors files (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+def _release(tensor, mapped: list[tuple[int, int]]) -> None:
+    """Hand the pages of a weight read from a memory-mapped safetensors file back to the kernel.
+
+    Dropping the tensor does not unmap them (the file's other tensors keep the mapping), so
+    they would stay in the process's resident memory next to the packed copy. The bytes stay
+    in the file: a later read maps them in again.
+    """
+    page = mmap.PAGESIZE
+    lo = -(-tensor.data_ptr() // page) * page
+    hi = (tensor.data_ptr() + tensor.nbytes) // page * page
+    if hi > lo and any(a <= lo and hi <= b for a, b in mapped):
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
 def _frozen_forward(self, x):
     return _linear_packed(x.to(torch.bfloat16), getattr(self, PACKED)[0], self.bias)
 
@@ -163,18 +193,22 @@ def packed(model):
         yield
         return
     lora_bases = {id(m.base_layer) for m in layers.modules() if type(m) is Linear}
+    uses = collections.Counter(id(p) for _, p in causal.named_parameters(remove_duplicate=False))
+    mapped = _file_pages() if sys.platform == "linux" else []
     done = []
     try:
         for m in layers.modules():
-            if type(m) is not torch.nn.Linear or m.weight.requires_grad or m.weight.dtype != torch.bfloat16:
+            w = getattr(m, "weight", None)
+            if (type(m) is not torch.nn.Linear or w.requires_grad or w.dtype != torch.bfloat16
+                    or uses[id(w)] > 1):  # a weight shared with another layer stays as it is
                 continue
-            w = m.weight
             if id(m) in lora_bases:
                 setattr(m, PACKED, (_pack(w), _pack(w.t().contiguous())))
             else:
                 setattr(m, PACKED, (_pack(w),))
                 m.forward = types.MethodType(_frozen_forward, m)
             done.append((m, w.shape))
+            _release(w, mapped)
             w.data = w.data.new_empty(0)  # the plain copy goes while packed
         yield
     finally:
