@@ -167,11 +167,14 @@ def test_lora_layers_use_gap_dropout(tiny_model):
 
 
 @pytest.mark.parametrize("width", [65, 128, 200])
-def test_blocked_attention_matches_sdpa(width):
-    """The no-grad path of frozen blocks: 64 queries at a time, grouped key/value heads."""
-    from donkeytune.attention import _causal_attention
+@pytest.mark.parametrize("window", [None, 50])
+def test_blocked_attention_matches_sdpa(width, window):
+    """The no-grad path of frozen blocks: 32 queries at a time, grouped key/value heads, the
+    mask on each block's diagonal (and the keys before a sliding window left out)."""
+    from donkeytune.attention import _causal_attention, _hidden
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 6, width, 16), torch.randn(3, 2, width, 16), torch.randn(3, 2, width, 16)
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
-    torch.testing.assert_close(_causal_attention(q, k, v, 0.3, None, block=64), want, rtol=1e-5, atol=1e-5)
+    mask = ~_hidden(width, window, q.device)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(_causal_attention(q, k, v, 0.3, window, block=32), want, rtol=1e-5, atol=1e-5)
