@@ -4,6 +4,7 @@ adapter and come back unchanged."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -95,3 +96,42 @@ def test_packed_weights_train_the_same_adapter_and_come_back(tiny_model):
     assert packed == pytest.approx(plain, rel=1e-3)
     for k, v in plain_lora.items():
         torch.testing.assert_close(packed_lora[k], v, rtol=1e-2, atol=1e-3)
+
+
+def _mapped_rss() -> int:
+    """Resident bytes of this process's safetensors file mappings."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip().endswith(".safetensors")
+            elif inside and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_packing_hands_the_file_mapped_weights_back(smollm2_dir):
+    """SmolLM2 loads memory-mapped: while packed, the 30 blocks' plain linear weights
+    (212 MB in bf16) leave the process's resident memory."""
+    if not loralinear.can_pack(torch.bfloat16, "cpu") or not sys.platform.startswith("linux"):
+        pytest.skip("needs oneDNN bf16 packing on Linux")
+    opts = config.resolve(config.TrainOptions, dict(iters=1, num_layers=8, rank=4), environ={})
+    model = train.add_lora(device.load_model(smollm2_dir, "cpu", torch.bfloat16), opts)
+    blocks = model.get_base_model().get_decoder().layers
+    with torch.no_grad():
+        for p in blocks.parameters():
+            p.sum()  # read as a forward pass would: the pages come in
+    block_bytes = 30 * 3_538_944 * 2
+    before = _mapped_rss()
+    assert before >= block_bytes
+    with loralinear.packed(model):
+        during = _mapped_rss()
+    assert before - during >= 0.95 * block_bytes
+
+
+def test_packing_leaves_a_float32_model_alone(tiny_model):
+    model = lora_model(tiny_model("llama"), torch.float32, 0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with loralinear.packed(model):
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
