@@ -138,8 +138,7 @@ def run_ours(case: dict, out: Path) -> dict:
     torch.manual_seed(0)
     model = train.add_lora(device.load_model(folder, "cpu", torch.bfloat16), opts)
     cache = train.prefix_cache(model)  # as train.run: frozen-block outputs kept for the next epoch
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    optimizer = train.adamw([p for p in model.parameters() if p.requires_grad], opts.lr, "cpu")
     times, losses = [], []
     with loralinear.packed(model):  # as train.run
         for s in range(opts.iters):

@@ -86,8 +86,7 @@ def run(opts: TrainOptions) -> Path:
     if group is None or group.main:
         model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0,
-                                  fused=torch.device(dev).type in ("cpu", "cuda"))
+    optimizer = adamw(params, opts.lr, dev)
     cache = None if opts.fsdp else prefix_cache(model)  # FSDP: blocks run in lockstep on all workers
     shard = (group.rank, group.world) if group else (0, 1)  # this worker's share of every batch
     start = restore_checkpoint(checkpoint, model, optimizer, shard[1]) if checkpoint else 0
@@ -392,6 +391,13 @@ def add_lora(model, opts: TrainOptions):
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False
     return model
+
+
+def adamw(params, lr: float, dev):
+    """The optimizer of the LoRA weights: AdamW without weight decay, fused on CPU and CUDA."""
+    import torch  # noqa: PLC0415
+
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=torch.device(dev).type in ("cpu", "cuda"))
 
 
 def prefix_cache(model):
