@@ -167,7 +167,9 @@ def _release(tensor, mapped: list[tuple[int, int]]) -> None:
 
     Dropping the tensor does not unmap them (the file's other tensors keep the mapping), so
     they would stay in the process's resident memory next to the packed copy. The bytes stay
-    in the file: a later read maps them in again.
+    in the file: a later read maps them in again (a change made in place after loading would
+    be lost, but frozen weights are never changed, and the restore copies from the packed one).
+    Only pages wholly inside the tensor are handed back.
     """
     page = mmap.PAGESIZE
     lo = -(-tensor.data_ptr() // page) * page
