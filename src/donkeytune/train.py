@@ -365,8 +365,8 @@ def metrics_file(opts: TrainOptions) -> Path:
 
 def add_lora(model, opts: TrainOptions):
     """Wrap `model` in PEFT LoRA on every linear layer of the last NUM_LAYERS blocks; its
-    packed rows attend per example (attention.py), its dropout draws only the dropped
-    positions (dropout.py)."""
+    packed rows attend per example (attention.py), its LoRA layers run as one autograd step
+    (loralinear.py) with a dropout that draws only the dropped positions (dropout.py)."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
