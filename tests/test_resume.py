@@ -27,12 +27,12 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-def train_args(model, data_dir, out, iters=30):
+def train_args(model, data_dir, out, iters=30, dtype="float32"):
     # dropout on: a resumed run must restore the random state too, not only the weights
     return ["train", "--model", str(model), "--data-dir", str(data_dir), "--output-dir", str(out),
             "--iters", str(iters), "--batch-size", "2", "--num-layers", "2", "--lr", "1e-3",
             "--dropout", "0.1", "--steps-per-report", "1", "--steps-per-eval", "10",
-            "--save-every", "100", "--dtype", "float32"]
+            "--save-every", "100", "--dtype", dtype]
 
 
 def cli(args, **kw):
@@ -45,13 +45,14 @@ def step_losses(out: Path) -> dict[int, float]:
     return {r["iter"]: r["step_loss"] for r in rows if "step_loss" in r}
 
 
-def test_sigterm_then_resume_matches_the_uninterrupted_run(tiny_model, data_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 on CPU: packed weights
+def test_sigterm_then_resume_matches_the_uninterrupted_run(dtype, tiny_model, data_dir, tmp_path):
     model = tiny_model("llama")
-    reference = cli(train_args(model, data_dir, tmp_path / "ref"))
+    reference = cli(train_args(model, data_dir, tmp_path / "ref", dtype=dtype))
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
 
     stop_after = random.Random().randint(3, 15)
-    proc = cli(train_args(model, data_dir, tmp_path / "run"))
+    proc = cli(train_args(model, data_dir, tmp_path / "run", dtype=dtype))
     for line in proc.stdout:
         if line.startswith(f"Iter {stop_after}: Train loss"):
             proc.send_signal(signal.SIGTERM)
@@ -64,7 +65,7 @@ def test_sigterm_then_resume_matches_the_uninterrupted_run(tiny_model, data_dir,
     assert not stopped["complete"] and stop_after <= stopped["iteration"] < 30
 
     # a plain new run would overwrite the interrupted one: refused, with the way out
-    blocked = cli(train_args(model, data_dir, tmp_path / "run"), stdin=subprocess.DEVNULL)
+    blocked = cli(train_args(model, data_dir, tmp_path / "run", dtype=dtype), stdin=subprocess.DEVNULL)
     _, err = blocked.communicate(timeout=600)
     assert blocked.returncode == 2 and "holds an interrupted run" in err and "--resume" in err
 

@@ -90,8 +90,6 @@ def run(opts: TrainOptions) -> Path:
     cache = None if opts.fsdp else prefix_cache(model)  # FSDP: blocks run in lockstep on all workers
     shard = (group.rank, group.world) if group else (0, 1)  # this worker's share of every batch
     start = restore_checkpoint(checkpoint, model, optimizer, shard[1]) if checkpoint else 0
-    if cache and start:
-        refill_prefix_cache(cache, model, train_set, opts, tok.pad_token_id, dev, start, shard)
 
     meta = runinfo.run_record(
         "train", opts, base_model=opts.model, base_model_path=str(folder),
@@ -137,6 +135,8 @@ def run(opts: TrainOptions) -> Path:
         else QuietReporter()
     agree = (lambda flag: group.sum([float(flag)])[0] > 0) if group else None
     with contextlib.nullcontext() if opts.fsdp else loralinear.packed(model):  # FSDP owns the weights
+        if cache and start:  # with the weights as the interrupted run had them
+            refill_prefix_cache(cache, model, train_set, opts, pad, dev, start, shard)
         loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start, agree)
     if group and not group.main:
         return opts.adapter_dir
