@@ -70,10 +70,11 @@ def _train(model, items, pad, steps):
     return losses
 
 
-def test_packed_weights_train_the_same_adapter_and_come_back(tiny_model):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: packed linears with a bias
+def test_packed_weights_train_the_same_adapter_and_come_back(arch, tiny_model):
     if not loralinear.can_pack(torch.bfloat16, "cpu"):
         pytest.skip("oneDNN bf16 packing is not available on this CPU")
-    folder = tiny_model("llama")
+    folder = tiny_model(arch)
     tok = device.load_tokenizer(folder)
     items = [data.tokenize(tok, m) for m in CHATS]
     runs = []
