@@ -205,7 +205,7 @@ def packed(model):
                     or uses[id(w)] > 1):  # a weight shared with another layer stays as it is
                 continue
             if id(m) in lora_bases:
-                setattr(m, PACKED, (_pack(w), _pack(w.t().contiguous())))
+                setattr(m, PACKED, (_pack(w), _pack(w.t())))
             else:
                 setattr(m, PACKED, (_pack(w),))
                 m.forward = types.MethodType(_frozen_forward, m)
