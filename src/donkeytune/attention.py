@@ -3,13 +3,14 @@
 Packing puts several examples in one row and restarts position ids at each. transformers
 then builds a block-diagonal mask over the whole row and runs attention over all of it:
 row_length² scores, with the mask as an extra input. Here the examples are gathered
-into a [examples, length] layout instead (examples of similar length together), and
-scaled_dot_product_attention runs with is_causal=True and no mask: right padding never
-reaches a real query under a causal mask, and the padded queries are dropped on the way
-back. Same result, a fraction of the work.
+into a [examples, length] layout instead (examples of similar length together), and a
+causal kernel runs without a row-wide mask: right padding never reaches a real query
+under a causal mask, and the padded queries are dropped on the way back. Same result, a
+fraction of the work.
 
-Which kernel: short examples (up to 128 tokens) use two plain matmuls; without autograd
-(frozen blocks, evaluation) longer ones go 32 queries at a time; the rest goes to
+Which kernel: short examples (up to 128 tokens) use two plain matmuls; longer ones go 32
+queries at a time without autograd (frozen blocks, evaluation) and 64 at a time with it
+(_BlockedAttention, a flash-style backward); attention dropout goes to
 scaled_dot_product_attention. On this CPU each choice is the fastest one measured for its
 case (figures at each function).
 """
