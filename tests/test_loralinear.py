@@ -136,3 +136,28 @@ def test_packing_leaves_a_float32_model_alone(tiny_model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with loralinear.packed(model):
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_layer_onednn_refuses_leaves_every_weight_plain(tiny_model, monkeypatch):
+    """Packing stops at the first refusal and undoes what it did; training goes on unpacked."""
+    if not loralinear.can_pack(torch.bfloat16, "cpu"):
+        pytest.skip("oneDNN bf16 packing is not available on this CPU")
+    model = lora_model(tiny_model("llama"), torch.bfloat16, 0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls, pack = [], loralinear._pack
+
+    def refuse_the_fifth(weight):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("could not create a primitive descriptor")
+        return pack(weight)
+
+    monkeypatch.setattr(loralinear, "_pack", refuse_the_fifth)
+    with loralinear.packed(model):
+        assert len(calls) == 5
+        assert not any(hasattr(m, loralinear.PACKED) or "forward" in m.__dict__
+                       for m in model.modules() if type(m) is torch.nn.Linear)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        tok = device.load_tokenizer(tiny_model("llama"))
+        items = [data.tokenize(tok, m) for m in CHATS]
+        assert _train(model, items, tok.pad_token_id, 2)[0] > 0

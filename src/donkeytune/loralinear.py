@@ -142,7 +142,7 @@ def can_pack(dtype, device) -> bool:
         w = torch.linspace(-1, 1, 48 * 40).sin().view(48, 40).bfloat16()  # not from the RNG: the
         x = torch.linspace(-1, 1, 3 * 40).cos().view(3, 40).bfloat16()  # dropout masks stay the same
         return torch.equal(_linear_packed(x, _pack(w)), F.linear(x, w))
-    except (RuntimeError, AttributeError):  # a torch without these private ops
+    except (RuntimeError, AttributeError, TypeError):  # a torch without these private ops
         return False
 
 
@@ -212,9 +212,17 @@ def packed(model):
             done.append((m, w.shape))
             _release(w, mapped)
             w.data = w.data.new_empty(0)  # the plain copy goes while packed
+    except (RuntimeError, TypeError):  # a layer oneDNN will not take: train with plain weights
+        _unpack(done)
+        done = []
+    try:
         yield
     finally:
-        for m, shape in done:
-            m.weight.data = getattr(m, PACKED)[0].to_dense().view(shape)
-            delattr(m, PACKED)
-            m.__dict__.pop("forward", None)
+        _unpack(done)
+
+
+def _unpack(done) -> None:
+    for m, shape in done:
+        m.weight.data = getattr(m, PACKED)[0].to_dense().view(shape)
+        delattr(m, PACKED)
+        m.__dict__.pop("forward", None)
