@@ -157,9 +157,10 @@ class OutOfMemory(DonkeyError):
 
 
 def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int, *,
-                   auto: bool = False, limit: float | None = None):
+                   auto: bool = False, limit: float | None = None, packed: bool = False):
     """Compare the estimate with free memory before loading. Returns opts (for an auto recipe,
-    shrunk until it fits); raises OutOfMemory with the settings that fit otherwise."""
+    shrunk until it fits); raises OutOfMemory with the settings that fit otherwise. `packed`:
+    the run will pack its frozen weights (loralinear.can_pack)."""
     from .progress import say  # noqa: PLC0415
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
@@ -176,7 +177,7 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
                                  dropout=o.dropout > 0, baseline=baseline,
                                  cached_tokens=0 if o.fsdp else cached,  # FSDP runs keep no prefix
                                  shards=o.devices if o.fsdp else 1,
-                                 packed=device == "cpu" and dtype_bytes == 2 and not o.fsdp)
+                                 packed=packed and not o.fsdp)
 
     cached = sum(len(t.input_ids) for t in train_set)
     need = estimate(opts)

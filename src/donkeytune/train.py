@@ -69,8 +69,9 @@ def run(opts: TrainOptions) -> Path:
     tok = device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code)
     train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
     valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
-    opts = memory.check_training(opts, folder, train_set, dev, dtype.itemsize,
-                                 auto=opts.recipe == "auto" and not checkpoint)  # said before loading
+    opts = memory.check_training(opts, folder, train_set, dev, dtype.itemsize,  # said before loading
+                                 auto=opts.recipe == "auto" and not checkpoint,
+                                 packed=loralinear.can_pack(dtype, dev))
     _print_plan(opts, train_set, valid_set)
 
     torch.manual_seed(opts.seed)
