@@ -12,17 +12,12 @@ from peft.tuners.lora import Linear
 
 from donkeytune import config, data, device, loralinear, train
 from test_speed_paths import CHATS
+from test_speed_paths import lora_model as speed_paths_model
 
 
-def lora_model(model_dir, dtype, dropout, num_layers=2):
-    opts = config.resolve(config.TrainOptions, dict(iters=1, batch_size=4, num_layers=num_layers, rank=4,
-                                                    lr=1e-3, dropout=dropout), environ={})
-    model = train.add_lora(device.load_model(model_dir, "cpu", dtype), opts)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model.train()
+def lora_model(model_dir, dtype, dropout):
+    """test_speed_paths' LoRA model, in training mode (dropout on)."""
+    return speed_paths_model(model_dir, dtype, dropout=dropout).train()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2's q/k/v have a bias

@@ -19,9 +19,9 @@ CHATS = [[{"role": "system", "content": "Be brief."},
          for i in range(12)]
 
 
-def lora_model(model_dir, dtype=torch.float32, num_layers=2):
+def lora_model(model_dir, dtype=torch.float32, num_layers=2, dropout=0.0):
     opts = config.resolve(config.TrainOptions, dict(iters=1, batch_size=4, num_layers=num_layers, rank=4,
-                                                    lr=1e-3, dropout=0.0), environ={})
+                                                    lr=1e-3, dropout=dropout), environ={})
     model = train.add_lora(device.load_model(model_dir, "cpu", dtype), opts)
     with torch.no_grad():
         for name, p in model.named_parameters():
