@@ -98,11 +98,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if layout is None:  # generation with a cache, or positions that are not packed examples
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, sliding_window=sliding_window, **kwargs)
-    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
+    q, k, v = (_Gather.apply(x.transpose(1, 2).reshape(b * t, x.shape[1], d), layout)
+               for x in (query, key, value))
     scale = scaling if scaling is not None else d ** -0.5
     outs = []
-    for index, width in layout.groups:
-        qg, kg, vg = (x[index].transpose(1, 2) for x in (q, k, v))  # [examples, heads, width, d]
+    for g, (_, width) in enumerate(layout.groups):
+        qg, kg, vg = (x[g].transpose(1, 2) for x in (q, k, v))  # [examples, heads, width, d]
         window = sliding_window if sliding_window and width > sliding_window else None
         if not dropout and (width <= 64 or (width <= SMALL and query.requires_grad)):
             out = _causal_attention(qg, kg, vg, scale, window)
@@ -116,8 +117,42 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                                  scale=scale, dropout_p=dropout,
                                                  enable_gqa=kg.shape[1] != heads)
         outs.append(out.transpose(1, 2).reshape(-1, heads, d))
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return out[layout.slot].view(b, t, heads, d), None
+    return _Scatter.apply(layout, *outs).view(b, t, heads, d), None
+
+
+class _Gather(torch.autograd.Function):
+    """x [positions, ...] -> one [examples, width, ...] tensor per group of the layout.
+
+    A padded slot repeats its example's last position. Its gradient is zero: its query's
+    output is dropped (_Scatter), and no real query sees it as a key (causal). So each
+    position's gradient is the one at its own slot, a gather (autograd's scatter-add for
+    x[index] runs ~5x slower on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return tuple(x[index] for index, _ in layout.groups)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = [g.reshape(-1, *g.shape[2:]) for g in grads]
+        return (torch.cat(flat) if len(flat) > 1 else flat[0])[ctx.layout.slot], None
+
+
+class _Scatter(torch.autograd.Function):
+    """Group outputs [examples x width, ...] -> [positions, ...], padded slots dropped."""
+
+    @staticmethod
+    def forward(ctx, layout, *outs):
+        ctx.layout, ctx.sizes = layout, [len(o) for o in outs]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out[layout.slot]
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_zeros(sum(ctx.sizes), *grad.shape[1:])
+        full.index_copy_(0, ctx.layout.slot, grad)
+        return (None, *full.split(ctx.sizes))
 
 
 SMALL = 128  # up to this width, plain matmuls beat the CPU flash kernel's backward (3.6 vs 1.1 ms at 64)

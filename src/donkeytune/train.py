@@ -367,11 +367,12 @@ def metrics_file(opts: TrainOptions) -> Path:
 def add_lora(model, opts: TrainOptions):
     """Wrap `model` in PEFT LoRA on every linear layer of the last NUM_LAYERS blocks; its
     packed rows attend per example (attention.py), its LoRA layers run as one autograd step
-    (loralinear.py) with a dropout that draws only the dropped positions (dropout.py)."""
+    (loralinear.py) with a dropout that draws only the dropped positions (dropout.py), and
+    their RMSNorms as one autograd step each (blockops.py)."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
-    from . import attention, dropout, loralinear  # noqa: PLC0415
+    from . import attention, blockops, dropout, loralinear  # noqa: PLC0415
 
     opts = recipe.seed_filled(opts)  # called without run() (Python users, tests): the seed's values
     n_blocks = model.config.get_text_config().num_hidden_layers
@@ -387,6 +388,7 @@ def add_lora(model, opts: TrainOptions):
     model = get_peft_model(model, config)
     dropout.replace_lora_dropout(model)
     loralinear.use_fused_lora(model)
+    blockops.use_fused_norms(model)
     # Under autocast the LoRA matmuls take bf16 inputs as they are; PEFT would copy them to fp32.
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
