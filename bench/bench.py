@@ -120,9 +120,12 @@ def flops_per_token(cfg: dict, labelled_fraction: float, frozen_reused: bool = F
 # ---------------------------------------------------------------- the engines (child processes)
 
 def run_ours(case: dict, out: Path) -> dict:
+    from donkeytune import device
+
+    device.bound_kernel_caches()  # as the CLI does, before torch builds its first kernel
     import torch
 
-    from donkeytune import config, data, device, loralinear, train
+    from donkeytune import config, data, loralinear, train
 
     folder = model_dir(case["model"])
     opts = config.resolve(config.TrainOptions, dict(

@@ -145,3 +145,17 @@ def test_estimate_within_30_percent_of_peak_rss(batch_size, smollm2_dir, tmp_pat
     print(f"\nbatch {batch_size}: {tokens} tokens ({labelled} labelled): estimate {est.describe()}, "
           f"measured peak RSS {measured / 1e9:.2f} GB, ratio {est.total / measured:.2f}")
     assert abs(est.total - measured) <= 0.3 * measured
+
+
+def test_the_cli_bounds_the_kernel_caches_unless_the_user_set_them(monkeypatch, capsys):
+    """oneDNN's and ideep's kernel caches are capped (resident memory grew ~14 MB a step
+    without); a value the user exported stays."""
+    import os
+
+    from donkeytune import cli, device
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    assert cli.main(["models"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == device.KERNEL_CACHE
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

@@ -8,7 +8,7 @@ import sys
 import typing
 import warnings
 
-from . import __version__, config
+from . import __version__, config, device
 from .errors import DonkeyError
 
 
@@ -116,6 +116,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+    device.bound_kernel_caches()
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")

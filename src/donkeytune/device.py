@@ -41,6 +41,23 @@ def pick_dtype(name: str, device: str):
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+KERNEL_CACHE = "64"  # compiled matmul kernels kept by oneDNN and by ideep (1024 each by default)
+
+
+def bound_kernel_caches() -> None:
+    """Keep the CPU's compiled-kernel caches small (a user's own setting wins).
+
+    oneDNN (and PyTorch's ideep layer above it) compiles a matmul kernel for every new input
+    shape and keeps up to 1024 of each, with buffers. A training batch's token count changes
+    from step to step, so each step adds a few dozen: resident memory grew by ~14 MB a step
+    (Qwen2.5-0.5B shapes, ~210-token batches: +500 MB by step 70). With 64 kept (about two
+    steps' worth) it grows by ~2 MB a step, at the same step time; SmolLM2-135M's peak RSS
+    over 30 steps fell from 1.26 to 0.94 GB. Both are read when the first kernel is built.
+    """
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, KERNEL_CACHE)
+
+
 def set_threads(workers: int = 1) -> None:
     """The cores shared out among the training processes of this machine."""
     import torch  # noqa: PLC0415

@@ -27,6 +27,7 @@ SEED_ADAPTER_FILE = "adapters.safetensors"  # the name the seed's RESUME_FROM pa
 
 def run(opts: TrainOptions) -> Path:
     """Train a LoRA adapter; returns the adapter folder (output/adapters)."""
+    device.bound_kernel_caches()  # before the first matmul (the CLI has done it already)
     opts = dataclasses.replace(opts, model=opts.model or models.DEFAULT_MODEL)
     checkpoint = None
     if not opts.resume and _continue_interrupted(opts):
