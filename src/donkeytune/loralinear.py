@@ -6,12 +6,12 @@ the scale goes on the rank-r activation, B's product is added into the base outp
 and the backward forms the input gradient through the base weight and the adapter together.
 
 On an x86 CPU in bf16, oneDNN reorders a plain weight into its blocked (AVX512-BF16 / AMX)
-layout on every matmul; at the ~200-token batches of a LoRA step that is 5-25% of the matmul (2054 vs 2343 us
-at 212 x 896 -> 4864; 519 vs 655 us at 54 x 896 -> 4096). `packed(model)` reorders the frozen
-block weights once for the duration of training: frozen blocks use W packed, LoRA layers W
-packed for the forward and W^T packed for the input gradient. The plain copies are dropped
-meanwhile (so memory grows by one copy of the adapted blocks' weights) and restored bit for bit
-on exit. Packed and plain products are equal bit for bit.
+layout on every matmul; at the ~200-token batches of a LoRA step that is 5-25% of the
+matmul (2054 vs 2343 us at 212 x 896 -> 4864; 519 vs 655 us at 54 x 896 -> 4096).
+`packed(model)` reorders the frozen block weights once for the duration of training: frozen
+blocks use W packed, LoRA layers W packed for the forward and W^T packed for the input
+gradient. The plain copies are dropped meanwhile (so memory grows by one copy of the adapted
+blocks' weights) and restored bit for bit on exit. Packed and plain products are equal bit for bit.
 """
 
 from __future__ import annotations
