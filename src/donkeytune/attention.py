@@ -125,8 +125,10 @@ class _Gather(torch.autograd.Function):
 
     A padded slot repeats its example's last position. Its gradient is zero: its query's
     output is dropped (_Scatter), and no real query sees it as a key (causal). So each
-    position's gradient is the one at its own slot, a gather (autograd's scatter-add for
-    x[index] runs ~5x slower on the CPU)."""
+    position's gradient is the one at its own slot, a gather. Autograd's backward for
+    x[index] is a scatter-add (index_put with accumulate), ~110 us a call against ~20 us for
+    a gather at SmolLM2's sizes; +1.3% and +3.4% tokens/s over its LoRA blocks (two runs
+    alternating both in one process)."""
 
     @staticmethod
     def forward(ctx, x, layout):

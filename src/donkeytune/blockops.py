@@ -5,8 +5,9 @@ weight) leaves eight autograd nodes per call, and their backward about a dozen k
 tensors of the block's width. Under LoRA the norm's weight is frozen, so the only gradient
 is the input's: rstd * (gw - x̂ * mean(gw * x̂)), with gw = g * weight and x̂ = x * rstd.
 `_RMSNorm` computes the forward with the same operations in the same order (equal bit for
-bit) and that gradient in a few in-place float32 kernels: +2.8% tokens/s over the LoRA
-blocks of SmolLM2-135M (measured alternately in one process, frozen blocks replayed).
+bit) and that gradient in a few in-place float32 kernels: +0.8% to +2.8% tokens/s over the
+LoRA blocks of SmolLM2-135M (three runs alternating both in one process, frozen blocks
+replayed).
 
 `use_fused_norms` installs it only on norms whose own forward it reproduces exactly on a
 fixed input (Gemma's 1 + weight, for one, keeps its own forward).
