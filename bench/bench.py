@@ -141,18 +141,14 @@ def run_ours(case: dict, out: Path) -> dict:
     torch.manual_seed(0)
     model = train.add_lora(device.load_model(folder, "cpu", torch.bfloat16), opts)
     cache = train.prefix_cache(model)  # as train.run: frozen-block outputs kept for the next epoch
-    optimizer = train.adamw([p for p in model.parameters() if p.requires_grad], opts.lr, "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.adamw(params, opts.lr, "cpu")
     times, losses = [], []
     with loralinear.packed(model):  # as train.run
         for s in range(opts.iters):
             batch = data.collate(items[s * opts.batch_size:(s + 1) * opts.batch_size], tok.pad_token_id)
             t = time.perf_counter()
-            model.train()
-            loss, n = train.batch_loss(model, batch, "cpu", cache)
-            (loss / n).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item() / n)
+            losses.append(train.lora_step(model, batch, optimizer, params, "cpu", cache)[0])
             times.append(time.perf_counter() - t)
     return dict(times=times, losses=losses, lengths=[len(x.input_ids) for x in items],
                 labelled=sum(x.trained_tokens for x in items))

@@ -102,23 +102,14 @@ def run(opts: TrainOptions) -> Path:
     pad = tok.pad_token_id
     batches = data.batches(train_set, opts.batch_size, opts.seed, pad, start_step=start, shard=shard)
 
-    def step(batch):
-        model.train()
-        loss, ntok = batch_loss(model, batch, dev, cache)
-        total, ntok, tokens = [loss.item(), ntok, batch.tokens]
-        if group:  # the step's loss is the mean over every worker's labelled tokens
-            total, ntok, tokens = group.sum([total, ntok, tokens])
-        value = total / ntok
-        if not math.isfinite(value):  # stop before the update: the saved adapter stays good
+    def finite(value):  # stop before the update: the saved adapter stays good
+        if not math.isfinite(value):
             raise Diverged(f"the loss became {value}; training stopped, the last checkpoint "
                            f"in {opts.adapter_dir} is kept",
                            f"lower LR (now {opts.lr:g}; try {opts.lr / 4:g}) and resume or restart")
-        (loss / ntok).backward()
-        if group:
-            group.sum_grads(params)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return value, int(tokens)  # tokens/sec counts every non-pad token
+
+    def step(batch):
+        return lora_step(model, batch, optimizer, params, dev, cache, group, finite)
 
     def evaluate():
         return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev, cache,
@@ -464,6 +455,27 @@ def batch_loss(model, batch: data.Batch, dev, cache=None):
     cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
     loss = head_loss(hidden[:, :-1][keep], causal.get_output_embeddings().weight, targets[keep], cap)
     return loss, int(keep.sum())
+
+
+def lora_step(model, batch: data.Batch, optimizer, params, dev, cache=None, group=None,
+              check=None) -> tuple[float, int]:
+    """One optimizer step on a batch: the mean loss over the labelled tokens (of every
+    worker's share, with `group`) and the batch's non-pad tokens. `check(loss)` runs before
+    the update and may stop it by raising."""
+    model.train()
+    loss, ntok = batch_loss(model, batch, dev, cache)
+    total, ntok, tokens = [loss.item(), ntok, batch.tokens]
+    if group:  # the step's loss is the mean over every worker's labelled tokens
+        total, ntok, tokens = group.sum([total, ntok, tokens])
+    value = total / ntok
+    if check:
+        check(value)
+    (loss / ntok).backward()
+    if group:
+        group.sum_grads(params)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value, int(tokens)  # tokens/sec counts every non-pad token
 
 
 def _compute_dtype(causal, dev):
