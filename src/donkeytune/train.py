@@ -462,7 +462,8 @@ def lora_step(model, batch: data.Batch, optimizer, params, dev, cache=None, grou
     """One optimizer step on a batch: the mean loss over the labelled tokens (of every
     worker's share, with `group`) and the batch's non-pad tokens. `check(loss)` runs before
     the update and may stop it by raising."""
-    model.train()
+    if not model.training:  # train() walks ~1,000 modules: 1.5 ms a step on SmolLM2
+        model.train()
     loss, ntok = batch_loss(model, batch, dev, cache)
     total, ntok, tokens = [loss.item(), ntok, batch.tokens]
     if group:  # the step's loss is the mean over every worker's labelled tokens
