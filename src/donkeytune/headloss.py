@@ -41,13 +41,15 @@ class _HeadLoss(torch.autograd.Function):
 def _chunk(h, weight, t, softcap, need_grad):
     """log-sum-exp and target logit per position, and the gradient for h."""
     n = h.shape[0]
-    rows = torch.arange(n, device=h.device)
+    order = torch.argsort(t)  # positions by target, so each block's targets are one slice
+    edges = torch.searchsorted(t[order], torch.arange(0, weight.shape[0] + BLOCK, BLOCK,
+                                                      device=h.device)).tolist()
     top = torch.full((n,), float("-inf"), device=h.device)
     norm = torch.zeros(n, device=h.device)
     picked = torch.zeros(n, device=h.device)
     slope = torch.ones(n, device=h.device)  # d(capped logit)/d(logit) at the target
     acc = torch.zeros(n, h.shape[1], device=h.device) if need_grad else None
-    for v in range(0, weight.shape[0], BLOCK):
+    for b, v in enumerate(range(0, weight.shape[0], BLOCK)):
         w = weight[v:v + BLOCK]
         logits = (h @ w.T).float()
         if softcap:
@@ -57,11 +59,11 @@ def _chunk(h, weight, t, softcap, need_grad):
         rescale = (top - new_top).exp_()
         e = (logits - new_top[:, None]).exp_()
         norm = norm * rescale + e.sum(1)
-        here = (t >= v) & (t < v + w.shape[0])
-        if here.any():
-            picked[here] = logits[rows[here], t[here] - v]
+        if edges[b] < edges[b + 1]:  # the positions whose target lies in this block
+            here = order[edges[b]:edges[b + 1]]
+            picked[here] = logits[here, t[here] - v]
             if softcap:
-                slope[here] = 1.0 - squashed[rows[here], t[here] - v] ** 2
+                slope[here] = 1.0 - squashed[here, t[here] - v] ** 2
         if need_grad:
             if softcap:
                 e *= 1.0 - squashed * squashed  # d(cap * tanh(z / cap)) / dz
