@@ -109,21 +109,41 @@ def _mapped_rss() -> int:
 
 def test_packing_hands_the_file_mapped_weights_back(smollm2_dir):
     """SmolLM2 loads memory-mapped: while packed, the 30 blocks' plain linear weights
-    (212 MB in bf16) leave the process's resident memory."""
+    (212 MB in bf16) and its tied LM head (57 MB) leave the process's resident memory; a
+    step on the packed model gives the plain one's loss and LoRA gradients bit for bit."""
     if not loralinear.can_pack(torch.bfloat16, "cpu") or not sys.platform.startswith("linux"):
         pytest.skip("needs oneDNN bf16 packing on Linux")
     opts = config.resolve(config.TrainOptions, dict(iters=1, num_layers=8, rank=4), environ={})
     model = train.add_lora(device.load_model(smollm2_dir, "cpu", torch.bfloat16), opts)
-    blocks = model.get_base_model().get_decoder().layers
+    causal = model.get_base_model()
     with torch.no_grad():
-        for p in blocks.parameters():
+        for p in causal.parameters():
             p.sum()  # read as a forward pass would: the pages come in
-    block_bytes = 30 * 3_538_944 * 2
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()  # the same forward twice: no dropout
+    tok = device.load_tokenizer(smollm2_dir)
+    batch = data.collate([data.tokenize(tok, m) for m in CHATS[:4]], tok.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss, n = train.batch_loss(model, batch, "cpu")
+        return loss.item() / n, torch.autograd.grad(loss / n, params)
+
+    plain = loss_and_grads()
+    weight_bytes = 30 * 3_538_944 * 2 + 49152 * 576 * 2
     before = _mapped_rss()
-    assert before >= block_bytes
+    assert before >= weight_bytes
     with loralinear.packed(model):
         during = _mapped_rss()
-    assert before - during >= 0.95 * block_bytes
+        head = causal.get_output_embeddings()
+        assert len(getattr(head, loralinear.PACKED)) == 12  # 49152 rows, 4096 at a time
+        packed = loss_and_grads()
+    assert before - during >= 0.95 * weight_bytes
+    assert not hasattr(head, loralinear.PACKED)
+    assert packed[0] == plain[0]  # the packed products are the plain ones, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(packed[1], plain[1]))
 
 
 def test_packing_leaves_a_float32_model_alone(tiny_model):

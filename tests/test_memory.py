@@ -51,11 +51,12 @@ def test_fsdp_estimate_holds_a_share_of_the_blocks():
         assert e.weights == pytest.approx((135_000_000 - blocks + blocks / shards + blocks / 30) * 2)
 
 
-def test_packed_estimate_holds_the_adapted_blocks_twice():
-    """bf16 on CPU: the 8 adapted blocks' linears are held as W and W^T (loralinear.packed)."""
+def test_packed_estimate_holds_the_adapted_blocks_and_the_head_twice():
+    """bf16 on CPU: the 8 adapted blocks' linears and the LM head (49152 x 576) are held as W
+    and W^T (loralinear.packed)."""
     e = memory.estimate_training(SMOL, 135_000_000, tokens=1, labelled=1, num_layers=8, rank=8,
                                  packed=True)
-    assert e.weights == (135_000_000 + 8 * 3_538_944) * 2
+    assert e.weights == (135_000_000 + 8 * 3_538_944 + 49152 * 576) * 2
 
 
 def test_count_params_reads_the_safetensors_headers(tiny_model):

@@ -19,12 +19,12 @@ BLOCK = 4096  # vocabulary rows at a time: CHUNK x BLOCK float32 logits (8 MB)
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, need_grad):
+    def forward(ctx, hidden, weight, targets, softcap, need_grad, packed):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if need_grad else None
         for s in range(0, hidden.shape[0], CHUNK):
             h, t = hidden[s:s + CHUNK], targets[s:s + CHUNK]
-            lse, picked, g = _chunk(h, weight, t, softcap, need_grad)
+            lse, picked, g = _chunk(h, weight, t, softcap, need_grad, packed)
             total += (lse - picked).sum()
             if need_grad:
                 grad[s:s + CHUNK] = g
@@ -35,11 +35,12 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
-def _chunk(h, weight, t, softcap, need_grad):
-    """log-sum-exp and target logit per position, and the gradient for h."""
+def _chunk(h, weight, t, softcap, need_grad, packed=None):
+    """log-sum-exp and target logit per position, and the gradient for h. `packed`: per
+    vocabulary block, its rows W and W^T in oneDNN's layout (loralinear._pack_head)."""
     n = h.shape[0]
     order = torch.argsort(t)  # positions by target, so each block's targets are one slice
     edges = torch.searchsorted(t[order], torch.arange(0, weight.shape[0] + BLOCK, BLOCK,
@@ -51,7 +52,7 @@ def _chunk(h, weight, t, softcap, need_grad):
     acc = torch.zeros(n, h.shape[1], device=h.device) if need_grad else None
     for b, v in enumerate(range(0, weight.shape[0], BLOCK)):
         w = weight[v:v + BLOCK]
-        logits = (h @ w.T).float()
+        logits = (linear_packed(h, packed[b][0]) if packed else h @ w.T).float()
         if softcap:
             squashed = torch.tanh(logits / softcap)
             logits = squashed * softcap
@@ -67,7 +68,8 @@ def _chunk(h, weight, t, softcap, need_grad):
         if need_grad:
             if softcap:
                 e *= 1.0 - squashed * squashed  # d(cap * tanh(z / cap)) / dz
-            acc.mul_(rescale[:, None]).add_((e.to(w.dtype) @ w).float())
+            e = e.to(w.dtype)
+            acc.mul_(rescale[:, None]).add_((linear_packed(e, packed[b][1]) if packed else e @ w).float())
         top = new_top
     lse = top + norm.log()
     grad = None
@@ -77,9 +79,15 @@ def _chunk(h, weight, t, softcap, need_grad):
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-              softcap: float | None = None) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` (optionally soft-capped) against `targets`."""
+              softcap: float | None = None, packed=None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` (optionally soft-capped) against `targets`;
+    `packed`: the head's blocks in oneDNN's layout, when loralinear.packed made them."""
     if weight.requires_grad:
         raise ValueError("head_loss assumes a frozen LM head (LoRA does not train it)")
     need_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _HeadLoss.apply(hidden, weight.to(hidden.dtype), targets, softcap, need_grad)
+    return _HeadLoss.apply(hidden, weight.to(hidden.dtype), targets, softcap, need_grad, packed)
+
+
+def linear_packed(x, packed_weight, bias=None):
+    """x W^T with W in oneDNN's blocked layout (loralinear._pack)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")

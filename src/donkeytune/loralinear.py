@@ -12,6 +12,10 @@ matmul (2054 vs 2343 us at 212 x 896 -> 4864; 519 vs 655 us at 54 x 896 -> 4096)
 blocks use W packed, LoRA layers W packed for the forward and W^T packed for the input
 gradient. The plain copies are dropped meanwhile (so memory grows by one copy of the adapted
 blocks' weights) and restored bit for bit on exit. Packed and plain products are equal bit for bit.
+The LM head is packed too, a vocabulary block at a time (W and W^T), when its plain weight is
+mapped from the safetensors file: its pages go back to the file meanwhile and a tied input
+embedding reads its rows from there (+7.4% tokens/s on Qwen2.5-0.5B shapes, +8.2% on
+SmolLM2-135M, alternating both in one process; one head more in memory).
 """
 
 from __future__ import annotations
@@ -28,12 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from .dropout import dropped_positions, scale_and_zero
+from .headloss import linear_packed as _linear_packed
 
 PACKED = "_donkeytune_packed"  # attribute of a packed layer: (W packed,) or (W, W^T) packed
 
 
-def _linear_packed(x, packed_weight, bias=None):
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
 class _Base:
@@ -162,6 +165,17 @@ def _file_pages() -> list[tuple[int, int]]:
     return ranges
 
 
+def _pages(tensor) -> tuple[int, int]:
+    """The address range of the memory pages lying wholly inside `tensor`."""
+    page = mmap.PAGESIZE
+    return -(-tensor.data_ptr() // page) * page, (tensor.data_ptr() + tensor.nbytes) // page * page
+
+
+def _in_file(tensor, mapped: list[tuple[int, int]]) -> bool:
+    lo, hi = _pages(tensor)
+    return hi > lo and any(a <= lo and hi <= b for a, b in mapped)
+
+
 def _release(tensor, mapped: list[tuple[int, int]]) -> None:
     """Hand the pages of a weight read from a memory-mapped safetensors file back to the kernel.
 
@@ -171,11 +185,39 @@ def _release(tensor, mapped: list[tuple[int, int]]) -> None:
     be lost, but frozen weights are never changed, and the restore copies from the packed one).
     Only pages wholly inside the tensor are handed back.
     """
-    page = mmap.PAGESIZE
-    lo = -(-tensor.data_ptr() // page) * page
-    hi = (tensor.data_ptr() + tensor.nbytes) // page * page
-    if hi > lo and any(a <= lo and hi <= b for a, b in mapped):
+    if _in_file(tensor, mapped):
+        lo, hi = _pages(tensor)
         ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def _pack_head(head, mapped: list[tuple[int, int]]) -> bool:
+    """Pack a frozen bf16 LM head a vocabulary block at a time (headloss.BLOCK rows), W for
+    the logits and W^T for the hidden states' gradient, when its plain pages can be handed
+    back to the file meanwhile: then it costs one head more, not two (the plain weight stays
+    readable: a tied input embedding, or the target rows headloss reads, map back in alone).
+    """
+    from .headloss import BLOCK  # noqa: PLC0415
+
+    w = getattr(head, "weight", None)
+    if (type(head) is not torch.nn.Linear or w is None or w.requires_grad
+            or w.dtype != torch.bfloat16 or head.bias is not None or not _in_file(w, mapped)):
+        return False
+    blocks = []
+    for v in range(0, w.shape[0], BLOCK):
+        rows = w[v:v + BLOCK]
+        blocks.append((_pack(rows), _pack(rows.t())))
+        _release(rows, mapped)  # block by block: the plain head is never resident beside both copies
+    _release(w, mapped)  # the pages the blocks share
+    setattr(head, PACKED, blocks)
+    return True
+
+
+def _trim() -> None:
+    """Hand the heap's free pages back (glibc): packing from a transposed view leaves a
+    temporary copy of each weight behind, 260 MB for Qwen2.5-0.5B's head W^T."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _frozen_forward(self, x):
@@ -212,9 +254,13 @@ def packed(model):
             done.append((m, w.shape))
             _release(w, mapped)
             w.data = w.data.new_empty(0)  # the plain copy goes while packed
+        head = causal.get_output_embeddings()
+        if _pack_head(head, mapped):
+            done.append((head, None))
     except (RuntimeError, TypeError):  # a layer oneDNN will not take: train with plain weights
         _unpack(done)
         done = []
+    _trim()
     try:
         yield
     finally:
@@ -223,6 +269,7 @@ def packed(model):
 
 def _unpack(done) -> None:
     for m, shape in done:
-        m.weight.data = getattr(m, PACKED)[0].to_dense().view(shape)
+        if shape is not None:  # the head kept its plain weight
+            m.weight.data = getattr(m, PACKED)[0].to_dense().view(shape)
         delattr(m, PACKED)
         m.__dict__.pop("forward", None)

@@ -76,7 +76,8 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
     - weights: every parameter in the compute dtype (frozen; no gradient, no optimizer state);
       with FSDP over `shards` workers, each holds 1/shards of the block linears (plus one
       block gathered at a time); with `packed` weights (loralinear.py, bf16 on CPU), the
-      adapted blocks' linears are held twice (W and W^T, each in oneDNN's layout);
+      adapted blocks' linears are held twice (W and W^T, each in oneDNN's layout), and the LM
+      head once more (W and W^T packed, its plain pages handed back to the file);
     - LoRA: rank x (in + out) per adapted linear, fp32, x4 for weight, gradient and Adam's two moments;
     - activations, kept for the backward pass in the adapted blocks only (frozen blocks below keep
       nothing, and frozen linears keep no input): per token and block, ACT_HIDDEN x hidden +
@@ -105,7 +106,7 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
     return Estimate(
         baseline=baseline,
         weights=(n_params - blocks + blocks / shards + blocks / n_blocks * (shards > 1)
-                 + blocks / n_blocks * layers * packed) * dtype_bytes,
+                 + (blocks / n_blocks * layers + cfg["vocab_size"] * hidden) * packed) * dtype_bytes,
         lora=lora_params * 16,
         activations=tokens * layers * block + min(cached_tokens * hidden * dtype_bytes, GB),
         logits=min(labelled, CHUNK) * min(cfg["vocab_size"], BLOCK) * 12,

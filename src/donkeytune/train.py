@@ -442,6 +442,7 @@ def batch_loss(model, batch: data.Batch, dev, cache=None):
     """
     import torch  # noqa: PLC0415
 
+    from . import loralinear  # noqa: PLC0415
     from .headloss import head_loss  # noqa: PLC0415
 
     ids, pos, labels = (torch.tensor(x, device=dev) for x in
@@ -453,7 +454,9 @@ def batch_loss(model, batch: data.Batch, dev, cache=None):
     targets = labels[:, 1:]
     keep = targets != data.IGNORE
     cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
-    loss = head_loss(hidden[:, :-1][keep], causal.get_output_embeddings().weight, targets[keep], cap)
+    head = causal.get_output_embeddings()
+    loss = head_loss(hidden[:, :-1][keep], head.weight, targets[keep], cap,
+                     getattr(head, loralinear.PACKED, None))
     return loss, int(keep.sum())
 
 
