@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import mmap
 import platform
 import sys
@@ -137,6 +138,12 @@ def can_pack(dtype, device) -> bool:
     """oneDNN packing applies: bf16 on an x86 CPU whose oneDNN has bf16 matmuls."""
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return False
+    return _onednn_bf16_packs()
+
+
+@functools.cache
+def _onednn_bf16_packs() -> bool:
+    """This machine's oneDNN packs bf16 weights and computes with them (checked once)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
