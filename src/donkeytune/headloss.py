@@ -69,7 +69,8 @@ def _chunk(h, weight, t, softcap, need_grad, packed=None):
             if softcap:
                 e *= 1.0 - squashed * squashed  # d(cap * tanh(z / cap)) / dz
             e = e.to(w.dtype)
-            acc.mul_(rescale[:, None]).add_((linear_packed(e, packed[b][1]) if packed else e @ w).float())
+            step = linear_packed(e, packed[b][1]) if packed else e @ w
+            acc.mul_(rescale[:, None]).add_(step.float())
         top = new_top
     lse = top + norm.log()
     grad = None

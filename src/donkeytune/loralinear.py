@@ -11,10 +11,10 @@ matmul (2054 vs 2343 us at 212 x 896 -> 4864; 519 vs 655 us at 54 x 896 -> 4096)
 `packed(model)` reorders the frozen block weights once for the duration of training: frozen
 blocks use W packed, LoRA layers W packed for the forward and W^T packed for the input
 gradient. The plain copies are dropped meanwhile (so memory grows by one copy of the adapted
-blocks' weights) and restored bit for bit on exit. Packed and plain products are equal bit for bit.
-The LM head is packed too, a vocabulary block at a time (W and W^T), when its plain weight is
-mapped from the safetensors file: its pages go back to the file meanwhile and a tied input
-embedding reads its rows from there (+7.4% tokens/s on Qwen2.5-0.5B shapes, +8.2% on
+blocks' weights) and restored bit for bit on exit. Packed and plain products are equal bit
+for bit. The LM head is packed too, a vocabulary block at a time (W and W^T), when its plain
+weight is mapped from the safetensors file: its pages go back to the file meanwhile and a tied
+input embedding reads its rows from there (+7.4% tokens/s on Qwen2.5-0.5B shapes, +8.2% on
 SmolLM2-135M, alternating both in one process; one head more in memory).
 """
 
@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from .dropout import dropped_positions, scale_and_zero
 from .headloss import linear_packed as _linear_packed
 
-PACKED = "_donkeytune_packed"  # attribute of a packed layer: (W packed,) or (W, W^T) packed
-
-
+PACKED = "_donkeytune_packed"  # attribute of a packed layer: (W packed,) or (W, W^T) packed;
+# of a packed LM head: [(W, W^T) packed] per headloss.BLOCK rows
 
 
 class _Base:
