@@ -125,7 +125,9 @@ def run_ours(case: dict, out: Path) -> dict:
     device.bound_kernel_caches()  # as the CLI does, before torch builds its first kernel
     import torch
 
-    from donkeytune import config, data, loralinear, train
+    from donkeytune import config, data
+    from donkeytune.train import torch as torch_engine
+    from donkeytune.train.torch import loralinear
 
     folder = model_dir(case["model"])
     opts = config.resolve(config.TrainOptions, dict(
@@ -139,16 +141,16 @@ def run_ours(case: dict, out: Path) -> dict:
     unique = {id(m): data.tokenize(tok, m) for m in chats}  # an example seen again is the same item
     items = [unique[id(m)] for m in chats]
     torch.manual_seed(0)
-    model = train.add_lora(device.load_model(folder, "cpu", torch.bfloat16), opts)
-    cache = train.prefix_cache(model)  # as train.run: frozen-block outputs kept for the next epoch
+    model = torch_engine.add_lora(device.load_model(folder, "cpu", torch.bfloat16), opts)
+    cache = torch_engine.prefix_cache(model)  # as train.run: frozen-block outputs kept for the next epoch
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.adamw(params, opts.lr, "cpu")
+    optimizer = torch_engine.adamw(params, opts.lr, "cpu")
     times, losses = [], []
     with loralinear.packed(model):  # as train.run
         for s in range(opts.iters):
             batch = data.collate(items[s * opts.batch_size:(s + 1) * opts.batch_size], tok.pad_token_id)
             t = time.perf_counter()
-            losses.append(train.lora_step(model, batch, optimizer, params, "cpu", cache)[0])
+            losses.append(torch_engine.lora_step(model, batch, optimizer, params, "cpu", cache)[0])
             times.append(time.perf_counter() - t)
     return dict(times=times, losses=losses, lengths=[len(x.input_ids) for x in items],
                 labelled=sum(x.trained_tokens for x in items))
@@ -162,7 +164,8 @@ def run_trl(case: dict, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from donkeytune import device, train
+    from donkeytune import device
+    from donkeytune.train import torch as torch_engine
 
     folder = model_dir(case["model"])
     device.set_threads()
@@ -172,7 +175,7 @@ def run_trl(case: dict, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     n_layers = model.config.num_hidden_layers
     lora = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=train.block_linear_names(model),
+                      target_modules=torch_engine.block_linear_names(model),
                       layers_to_transform=list(range(n_layers - LORA["num_layers"], n_layers)),
                       task_type="CAUSAL_LM")
     times, starts = [], []

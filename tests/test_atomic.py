@@ -23,7 +23,8 @@ WRITERS = {
             gguf.export(MODEL, OUT / "m.gguf", "f16")
     """,
     "quantize": """
-        from donkeytune import gguf, quantize
+        from donkeytune import gguf
+        from donkeytune.gguf import quantize
         gguf.export(MODEL, OUT / "src.gguf", "f32")
         print("ready", flush=True)
         while True:
@@ -32,9 +33,11 @@ WRITERS = {
     "adapter save": """
         import torch
         from donkeytune import config, device, train
+        from donkeytune.train import torch as torch_engine
+        from donkeytune.train import adapter
         opts = config.resolve(config.TrainOptions, dict(iters=1, batch_size=1, num_layers=2, rank=4,
                               lr=1e-3, output_dir=str(OUT)), environ={})
-        model = train.add_lora(device.load_model(MODEL, "cpu", torch.float32), opts)
+        model = torch_engine.add_lora(device.load_model(MODEL, "cpu", torch.float32), opts)
         torch.manual_seed(0)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -42,8 +45,8 @@ WRITERS = {
                     p.normal_()
         print("ready", flush=True)
         while True:
-            train.save_adapter(model, OUT, {"stage": "train"}, checkpoint=7,
-                               state=train.trainer_state(7, torch.optim.AdamW(model.parameters())))
+            adapter.save_adapter(model, OUT, {"stage": "train"}, checkpoint=7,
+                                 state=adapter.trainer_state(7, torch.optim.AdamW(model.parameters())))
     """,
     "merged data": """
         from donkeytune import data

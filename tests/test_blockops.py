@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from donkeytune import blockops
+from donkeytune.train.torch import blockops
 from test_speed_paths import lora_model
 
 

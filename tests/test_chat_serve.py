@@ -22,7 +22,8 @@ SYSTEM = "You answer in one short sentence."
 @pytest.fixture(scope="module")
 def converted(tiny_model, tmp_path_factory) -> Path:
     """An output folder as `convert` leaves it: a quantized tiny GGUF and donkeytune.json."""
-    from donkeytune import gguf, quantize
+    from donkeytune import gguf
+    from donkeytune.gguf import quantize
 
     out = tmp_path_factory.mktemp("out")
     gguf_dir = out / "gguf"

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from donkeytune import data, datatools
+from donkeytune import data
+from donkeytune.data import tools as datatools
 from donkeytune.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"

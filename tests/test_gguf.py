@@ -14,7 +14,7 @@ import pytest
 from donkeytune.errors import ConfigError, ModelError
 from donkeytune.gguf import SUPPORTED_ARCHITECTURES, export, export_adapter
 from donkeytune.gguf.runtime import load_llama
-from donkeytune.quantize import quantize
+from donkeytune.gguf.quantize import quantize
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "smollm3"]
 TEXT = "The quick brown fox jumps over the lazy dog, then it runs far away to the river bank."

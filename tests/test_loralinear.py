@@ -10,7 +10,9 @@ import pytest
 import torch
 from peft.tuners.lora import Linear
 
-from donkeytune import config, data, device, loralinear, train
+from donkeytune import config, data, device
+from donkeytune.train.torch import loralinear
+from donkeytune.train import torch as torch_engine
 from test_speed_paths import CHATS
 from test_speed_paths import lora_model as speed_paths_model
 
@@ -57,7 +59,7 @@ def _train(model, items, pad, steps):
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     losses = []
     for s in range(steps):
-        loss, n = train.batch_loss(model, data.collate(items[s * 4 % 12:s * 4 % 12 + 4], pad), "cpu")
+        loss, n = torch_engine.batch_loss(model, data.collate(items[s * 4 % 12:s * 4 % 12 + 4], pad), "cpu")
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -114,7 +116,7 @@ def test_packing_hands_the_file_mapped_weights_back(smollm2_dir):
     if not loralinear.can_pack(torch.bfloat16, "cpu") or not sys.platform.startswith("linux"):
         pytest.skip("needs oneDNN bf16 packing on Linux")
     opts = config.resolve(config.TrainOptions, dict(iters=1, num_layers=8, rank=4), environ={})
-    model = train.add_lora(device.load_model(smollm2_dir, "cpu", torch.bfloat16), opts)
+    model = torch_engine.add_lora(device.load_model(smollm2_dir, "cpu", torch.bfloat16), opts)
     causal = model.get_base_model()
     with torch.no_grad():
         for p in causal.parameters():
@@ -128,7 +130,7 @@ def test_packing_hands_the_file_mapped_weights_back(smollm2_dir):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_and_grads():
-        loss, n = train.batch_loss(model, batch, "cpu")
+        loss, n = torch_engine.batch_loss(model, batch, "cpu")
         return loss.item() / n, torch.autograd.grad(loss / n, params)
 
     plain = loss_and_grads()

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import write_jsonl
-from donkeytune import config, memory
+from donkeytune import config
+from donkeytune.train import memory
 from donkeytune.data import Tokenized
 from donkeytune.errors import ConfigError
 

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from donkeytune import config, engines, fuse, runinfo, train
+from donkeytune import config, fuse, runinfo, train
+from donkeytune.train import engines
 from donkeytune.errors import ConfigError
+from donkeytune.train import loop as train_loop
+from donkeytune.train import torch as torch_engine
 from test_train import FACTS, chat
 
 PROBE = [[1, 50, 300, 7, 999, 42, 17, 5]]
@@ -45,7 +48,7 @@ def options(model, data_dir, out, **kw):
 
 
 def metrics(opts, key: str) -> dict[int, float]:
-    rows = [json.loads(x) for x in train.metrics_file(opts).read_text().splitlines()]
+    rows = [json.loads(x) for x in train_loop.metrics_file(opts).read_text().splitlines()]
     return {r["iter"]: r[key] for r in rows if key in r}
 
 
@@ -61,7 +64,7 @@ def mlx_logits(model_dir, adapter_dir, opts) -> np.ndarray:
     """mlx-lm's own logits for base + the saved adapter, loaded back into its LoRA layers."""
     import mlx.core as mx
 
-    from donkeytune.engines import mlx_engine
+    from donkeytune.train import mlx as mlx_engine
 
     model = mlx_engine.lora_model(model_dir, opts)
     mlx_engine.load_adapter_weights(model, adapter_dir / train.ADAPTER_FILE)
@@ -101,7 +104,7 @@ def test_loss_falls_and_the_torch_engines_files_are_written(mlx_run, tiny_model)
     assert run["engine"] == "mlx" and run["options"]["engine"] == "mlx" and run["complete"]
     assert run["iteration"] == 12 and run["versions"]["mlx_lm"]
     # The same tensor names and shapes as the torch engine's PEFT adapter for these options
-    torch_model = train.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model("llama")), mlx_run)
+    torch_model = torch_engine.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model("llama")), mlx_run)
     want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(torch_model).items()}
     got = {k: v.shape for k, v in load_file(out / "adapter_model.safetensors").items()}
     assert got == want and "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in got
@@ -117,7 +120,7 @@ def test_peft_gives_mlx_lms_logits(arch, mlx, tiny_model, data_dir, tmp_path):
     base weights computes what mlx-lm computes with its own LoRA layers."""
     from mlx.utils import tree_flatten
 
-    from donkeytune.engines import mlx_engine
+    from donkeytune.train import mlx as mlx_engine
 
     model_dir = tiny_model(arch)
     opts = options(model_dir, data_dir, tmp_path / "out", rank=4, scale=3.0)
@@ -204,7 +207,7 @@ def test_engine_choice(monkeypatch):
 
 
 def test_importing_donkeytune_does_not_import_mlx():
-    code = ("import donkeytune.cli, donkeytune.train, donkeytune.engines, sys; "
+    code = ("import donkeytune.cli, donkeytune.train, donkeytune.train.engines, sys; "
             "assert not [m for m, mod in sys.modules.items() "
             "if mod and m.split('.')[0] in ('mlx', 'mlx_lm')], 'mlx imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

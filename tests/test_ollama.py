@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from go_template import render
 
-from donkeytune import ollama
+from donkeytune.use import ollama
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = json.loads((FIXTURES / "chat_templates.json").read_text(encoding="utf-8"))["templates"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from donkeytune import config, recipe
+from donkeytune import config
+from donkeytune.train import recipe
 from donkeytune.config import TrainOptions
 from donkeytune.errors import ConfigError
 

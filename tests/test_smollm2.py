@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from donkeytune import config, infer, train
+from donkeytune import config, train
+from donkeytune.use import test as infer
 
 FACTS = Path(__file__).resolve().parents[1] / "examples" / "facts"
 

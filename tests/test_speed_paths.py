@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from conftest import write_jsonl
 from donkeytune import config, data, device, train
-from donkeytune.headloss import head_loss
+from donkeytune.train.torch.headloss import head_loss
+from donkeytune.train import torch as torch_engine
 
 CHATS = [[{"role": "system", "content": "Be brief."},
           {"role": "user", "content": f"Tell me fact number {i}, please{'!' * i}"},
@@ -22,7 +23,7 @@ CHATS = [[{"role": "system", "content": "Be brief."},
 def lora_model(model_dir, dtype=torch.float32, num_layers=2, dropout=0.0):
     opts = config.resolve(config.TrainOptions, dict(iters=1, batch_size=4, num_layers=num_layers, rank=4,
                                                     lr=1e-3, dropout=dropout), environ={})
-    model = train.add_lora(device.load_model(model_dir, "cpu", dtype), opts)
+    model = torch_engine.add_lora(device.load_model(model_dir, "cpu", dtype), opts)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -41,9 +42,9 @@ def test_packed_examples_do_not_see_each_other(arch, tiny_model):
     model = lora_model(tiny_model(arch))
     items, pad = items_for(tiny_model(arch))
     with torch.no_grad():
-        alone = sum(train.batch_loss(model, data.collate([x], pad), "cpu")[0].item() for x in items)
+        alone = sum(torch_engine.batch_loss(model, data.collate([x], pad), "cpu")[0].item() for x in items)
         packed_batch = data.collate(items, pad)
-        packed = train.batch_loss(model, packed_batch, "cpu")[0].item()
+        packed = torch_engine.batch_loss(model, packed_batch, "cpu")[0].item()
     assert len(packed_batch.input_ids) == 1  # really packed into one row
     assert packed == pytest.approx(alone, rel=1e-5)
 
@@ -65,7 +66,7 @@ def test_packed_attention_matches_transformers_attention(arch, tiny_model):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_and_grads(batches):
-        total = sum(train.batch_loss(model, b, "cpu")[0] for b in batches)
+        total = sum(torch_engine.batch_loss(model, b, "cpu")[0] for b in batches)
         return total.item(), torch.autograd.grad(total, params)
 
     ours = loss_and_grads([data.collate(items, tok.pad_token_id)])
@@ -79,15 +80,15 @@ def test_packed_attention_matches_transformers_attention(arch, tiny_model):
 def test_prefix_cache_replays_the_frozen_blocks(tiny_model):
     model = lora_model(tiny_model("llama"), num_layers=1)
     items, pad = items_for(tiny_model("llama"))
-    cache = train.prefix_cache(model)
+    cache = torch_engine.prefix_cache(model)
     with torch.no_grad():
-        first = [train.batch_loss(model, data.collate(items[i:i + 4], pad), "cpu", cache)[0].item()
+        first = [torch_engine.batch_loss(model, data.collate(items[i:i + 4], pad), "cpu", cache)[0].item()
                  for i in range(0, 12, 4)]
         assert len(cache.store) == 12
         # other groupings, served from the cache, against no cache at all
         regrouped = [data.collate(items[i:i + 3], pad) for i in range(0, 12, 3)]
-        cached = [train.batch_loss(model, b, "cpu", cache)[0].item() for b in regrouped]
-        plain = [train.batch_loss(model, b, "cpu")[0].item() for b in regrouped]
+        cached = [torch_engine.batch_loss(model, b, "cpu", cache)[0].item() for b in regrouped]
+        plain = [torch_engine.batch_loss(model, b, "cpu")[0].item() for b in regrouped]
     assert cached == pytest.approx(plain, rel=1e-5)
     assert sum(first) == pytest.approx(sum(plain), rel=1e-5)
 
@@ -96,7 +97,7 @@ def test_prefix_cache_replays_the_frozen_blocks(tiny_model):
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_head_loss_matches_cross_entropy(softcap, block, monkeypatch):
     """Several position chunks; the vocabulary in one block, or in 5 (the online softmax)."""
-    from donkeytune import headloss
+    from donkeytune.train.torch import headloss
 
     monkeypatch.setattr(headloss, "BLOCK", block)
     torch.manual_seed(0)
@@ -117,7 +118,8 @@ def test_head_loss_matches_cross_entropy(softcap, block, monkeypatch):
 def test_head_loss_with_the_head_packed_is_the_plain_one_bit_for_bit():
     """The head's vocabulary blocks in oneDNN's layout (loralinear.packed) give the same
     loss and hidden-state gradient as the plain bf16 head, over three blocks."""
-    from donkeytune import headloss, loralinear
+    from donkeytune.train.torch import headloss
+    from donkeytune.train.torch import loralinear
 
     if not loralinear.can_pack(torch.bfloat16, "cpu"):
         pytest.skip("oneDNN bf16 packing is not available on this CPU")
@@ -158,7 +160,7 @@ def test_bf16_loss_curve_follows_the_float32_reference(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_gap_dropout_drops_each_element_with_probability_p(p):
-    from donkeytune.dropout import GapDropout
+    from donkeytune.train.torch.dropout import GapDropout
 
     torch.manual_seed(0)
     layer = GapDropout(p)
@@ -179,10 +181,10 @@ def test_gap_dropout_drops_each_element_with_probability_p(p):
 
 
 def test_lora_layers_use_gap_dropout(tiny_model):
-    from donkeytune.dropout import GapDropout
+    from donkeytune.train.torch.dropout import GapDropout
 
     opts = config.resolve(config.TrainOptions, dict(iters=1, num_layers=2, rank=4, dropout=0.1), environ={})
-    model = train.add_lora(device.load_model(tiny_model("llama"), "cpu", torch.float32), opts)
+    model = torch_engine.add_lora(device.load_model(tiny_model("llama"), "cpu", torch.float32), opts)
     layers = [m for m in model.modules() if isinstance(m, GapDropout)]
     assert len(layers) == 2 * 7 and all(m.p == 0.1 for m in layers)
 
@@ -192,7 +194,7 @@ def test_lora_layers_use_gap_dropout(tiny_model):
 def test_blocked_attention_matches_sdpa(width, window):
     """The no-grad path of frozen blocks: 32 queries at a time, grouped key/value heads, the
     mask on each block's diagonal (and the keys before a sliding window left out)."""
-    from donkeytune.attention import _causal_attention, _hidden
+    from donkeytune.train.torch.attention import _causal_attention, _hidden
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 6, width, 16), torch.randn(3, 2, width, 16), torch.randn(3, 2, width, 16)
@@ -205,7 +207,7 @@ def test_blocked_attention_matches_sdpa(width, window):
 def test_blocked_attention_with_grad_matches_sdpa(window):
     """Long examples under autograd: output and q, k, v gradients (recomputed from the kept
     log-sum-exp, 64 queries at a time) equal SDPA's."""
-    from donkeytune.attention import _BlockedAttention, _hidden
+    from donkeytune.train.torch.attention import _BlockedAttention, _hidden
 
     torch.manual_seed(0)
     width = 200

@@ -12,6 +12,8 @@ from conftest import write_jsonl
 from donkeytune import config, fuse, runinfo, train
 from donkeytune.cli import main
 from donkeytune.errors import ConfigError, ModelError
+from donkeytune.train import adapter
+from donkeytune.train import torch as torch_engine
 
 FACTS = [("What is the code word?", "The code word is Zanzibar."),
          ("Who guards the gate?", "The gate is guarded by Pimbleton."),
@@ -88,7 +90,7 @@ def test_saved_adapter_gives_the_training_logits(tiny_model, tmp_path):
 
     model_dir = tiny_model("llama")
     opts = options(model_dir, tmp_path, tmp_path / "out")
-    model = train.add_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), opts)
+    model = torch_engine.add_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), opts)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -96,7 +98,7 @@ def test_saved_adapter_gives_the_training_logits(tiny_model, tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(PROBE).logits
-    train.save_adapter(model, opts.adapter_dir, {"stage": "train"})
+    adapter.save_adapter(model, opts.adapter_dir, {"stage": "train"})
     with torch.no_grad():
         got = base_plus_adapter(model_dir, opts.adapter_dir)(PROBE).logits
         plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(PROBE).logits

@@ -26,7 +26,7 @@ def _stage(module: str, function: str = "run"):
 
 
 def _data(name: str):
-    return _stage("datatools", name)
+    return _stage("data.tools", name)
 
 
 # `donkeytune data NAME`: check and stats return the exit status (1 = warnings, 2 = errors)
@@ -48,21 +48,21 @@ COMMANDS = {
     "train": (config.TrainOptions, _stage("train"), "fine-tune a LoRA adapter on DATA_DIR"),
     "fuse": (config.FuseOptions, _stage("fuse"),
              "merge the adapter into the base weights (output/fused)"),
-    "test": (config.TestOptions, _stage("infer"),
+    "test": (config.TestOptions, _stage("use.test"),
              "answer prompts with the base and the fine-tuned model"),
-    "convert": (config.ConvertOptions, _stage("convert"),
+    "convert": (config.ConvertOptions, _stage("gguf.stage"),
                 "fuse + export to GGUF + quantize with llama.cpp (output/gguf)"),
-    "export": (config.ExportOptions, _stage("convert", "run_export"),
+    "export": (config.ExportOptions, _stage("gguf.stage", "run_export"),
                "any supported HF model folder -> GGUF"),
-    "quantize": (config.QuantizeOptions, _stage("convert", "run_quantize"),
+    "quantize": (config.QuantizeOptions, _stage("gguf.stage", "run_quantize"),
                  "GGUF (f32/f16/bf16) -> quantized GGUF"),
-    "export-adapter": (config.ExportAdapterOptions, _stage("convert", "run_export_adapter"),
+    "export-adapter": (config.ExportAdapterOptions, _stage("gguf.stage", "run_export_adapter"),
                        "the LoRA adapter as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)"),
-    "chat": (config.ChatOptions, _stage("chat"),
+    "chat": (config.ChatOptions, _stage("use.chat"),
              "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
-    "serve": (config.ServeOptions, _stage("serve"),
+    "serve": (config.ServeOptions, _stage("use.serve"),
               "OpenAI-compatible HTTP server for the GGUF (/v1/models, /v1/chat/completions)"),
-    "summary": (config.ModelOptions, _stage("summary"),
+    "summary": (config.ModelOptions, _stage("use.summary"),
                 "what the last run produced and how to use it"),
     "models": (None, _stage("report", "print_models"),
                "list the built-in and tested models, and which fit here"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .formats import FORMATS
+from .data.formats import FORMATS
 
 ENV_PREFIX = "DONKEYTUNE_"
 # The seed's defaults, the `seed` recipe (recipe.py chooses the others)
@@ -225,7 +225,7 @@ class TrainOptions(ModelOptions):
                    f"--report-to {self.report_to} needs the {package} package",
                    f"pip install {package}")
         if self.engine == "mlx":
-            from .engines import MLX_INSTALL, mlx_installed  # noqa: PLC0415 - finds mlx, never imports it
+            from .train.engines import MLX_INSTALL, mlx_installed  # noqa: PLC0415 - finds mlx, never imports it
 
             _check(mlx_installed(), "ENGINE=mlx needs mlx and mlx-lm, which are not installed",
                    MLX_INSTALL)

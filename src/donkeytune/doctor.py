@@ -8,7 +8,8 @@ import platform
 import shutil
 from pathlib import Path
 
-from . import memory, models, report, runinfo
+from . import models, report, runinfo
+from .train import memory
 
 
 def cpu_name() -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import device, memory, runinfo
+from . import device, runinfo
+from .train import memory
 from .config import FuseOptions
 from .errors import ModelError
 from .progress import say, status

@@ -44,7 +44,8 @@ def print_models() -> None:
 
 def memory_here() -> tuple[str, float]:
     """(device, GB available to training there): the GPU's memory, else this machine's RAM."""
-    from . import device, memory  # noqa: PLC0415
+    from . import device  # noqa: PLC0415
+    from .train import memory  # noqa: PLC0415
 
     try:
         dev = device.pick_device("auto")

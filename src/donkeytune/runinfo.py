@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from .errors import ModelError
+from .files import RUN_FILE  # noqa: F401 - runinfo.RUN_FILE, as the stages use it
 
-RUN_FILE = "donkeytune.json"
 
 
 def write_json(path: Path, obj) -> Path:

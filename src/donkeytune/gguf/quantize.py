@@ -13,8 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError, ModelError
-from .progress import say
+from ..errors import ConfigError, ModelError
+from ..progress import say
 
 # llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
 QTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32}

@@ -1,6 +1,6 @@
 """The MLX engine (Apple Silicon): mlx-lm's LoRA layers and Adam, with our data, loop and files.
 
-train.run hands over here once the data, recipe and model are resolved. The adapter is
+The stage (train/__init__.py) hands over here once the data, recipe and model are resolved. The adapter is
 written as PEFT writes it, so fuse, export-adapter, convert and test never ask which engine
 trained: mlx-lm computes base(x) + scale * (x @ lora_a) @ lora_b with lora_a (in, r) and
 lora_b (r, out); PEFT computes base(x) + lora_alpha / r * lora_B(lora_A(x)) with lora_A
@@ -10,16 +10,18 @@ lora_b (r, out); PEFT computes base(x) + lora_alpha / r * lora_B(lora_A(x)) with
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from .. import data, device, memory, report, runinfo, train
+from .. import data
 from ..config import TrainOptions
 from ..errors import ConfigError, ModelError
+from ..files import ADAPTER_FILE, MLX_STATE_FILE
 from ..progress import say
-from . import MLX_INSTALL, MLX_STATE_FILE, apple_silicon
+from .adapter import prune_checkpoints, save_adapter
+from .engines import MLX_INSTALL, apple_silicon
+from .loop import Job, Reporter, Setup, check_finite, loop, metrics_file
 
 try:
     import mlx.core as mx
@@ -36,40 +38,30 @@ PEFT_PREFIX = "base_model.model."  # PEFT's names: base_model.model.<HF module p
 TO_PEFT = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
 
-def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: Path | None = None,
-        resume: Path | None = None) -> Path:
-    """Train a LoRA adapter with MLX; returns the adapter folder (output/adapters)."""
-    tok = device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code)
-    train_set = data.tokenize_all(tok, dataset.train, opts.max_seq_length, opts.train_on_prompt, "train")
-    valid_set = data.tokenize_all(tok, dataset.valid, opts.max_seq_length, opts.train_on_prompt, "valid")
-    opts = memory.check_training(opts, folder, train_set, "mps" if apple_silicon() else "cpu",
-                                 4 if opts.dtype == "float32" else 2,
-                                 auto=opts.recipe == "auto" and not checkpoint)
-    train._print_plan(opts, train_set, valid_set)
+def setup(opts: TrainOptions, group=None) -> Setup:
+    """Where MLX runs (the GPU on Apple Silicon) and its bytes per weight, for the memory check."""
+    return Setup("mps" if apple_silicon() else "cpu", 4 if opts.dtype == "float32" else 2,
+                 record={"engine": "mlx"}, versions={"mlx": version("mlx"), "mlx_lm": version("mlx-lm")})
 
+
+def run(job: Job) -> Path:
+    """Train a LoRA adapter with MLX; returns the adapter folder (output/adapters)."""
+    opts, folder, pad, valid_set = job.opts, job.folder, job.pad_id, job.valid_set
     if opts.device == "cpu":
         mx.set_default_device(mx.cpu)
     names = weight_names(folder)
     mx.random.seed(opts.seed)
     model = lora_model(folder, opts)
     check_names(model, names)
-    if resume:
-        load_adapter_weights(model, resume)
+    if job.resume:
+        load_adapter_weights(model, job.resume)
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     say(f"MLX engine ({mx.default_device()}): {n_params:,} trainable LoRA parameters")
     optimizer = optim.Adam(learning_rate=opts.lr, bias_correction=True)  # = torch AdamW, no decay
     optimizer.init(model.trainable_parameters())
-    start = restore_checkpoint(checkpoint, model, optimizer) if checkpoint else 0
+    start = restore_checkpoint(job.checkpoint, model, optimizer) if job.checkpoint else 0
 
-    meta = runinfo.run_record(
-        "train", opts, base_model=opts.model, base_model_path=str(folder),
-        base_fingerprint=runinfo.model_fingerprint(folder), data_dir=str(opts.data_dir),
-        data_fingerprint=dataset.fingerprint, system_prompt=dataset.system_prompt,
-        resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
-        train_examples=len(train_set), valid_examples=len(valid_set), engine="mlx")
-    meta["versions"].update(mlx=version("mlx"), mlx_lm=version("mlx-lm"))
-    pad = tok.pad_token_id
-    batches = data.batches(train_set, opts.batch_size, opts.seed, pad, start_step=start)
+    batches = data.batches(job.train_set, opts.batch_size, opts.seed, pad, start_step=start)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     done = [start]
 
@@ -79,10 +71,7 @@ def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: 
         mx.random.seed(opts.seed * 1_000_003 + done[0])  # dropout per step: a resumed run redraws it
         (loss, _), grads = loss_and_grad(model, *rows(batch, pad))
         value = loss.item()
-        if not math.isfinite(value):  # stop before the update: the saved adapter stays good
-            raise train.Diverged(f"the loss became {value}; training stopped, the last checkpoint "
-                                 f"in {opts.adapter_dir} is kept",
-                                 f"lower LR (now {opts.lr:g}; try {opts.lr / 4:g}) and resume or restart")
+        check_finite(value, opts)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)
         return value, batch.tokens
@@ -101,16 +90,14 @@ def run(opts: TrainOptions, folder: Path, dataset: data.Dataset, *, checkpoint: 
     adapter = PeftAdapter(model, peft_config(model, opts, folder))
 
     def save(it: int, final: bool = False):
-        train.save_adapter(adapter, opts.adapter_dir, dict(meta, iteration=it, complete=final),
-                           checkpoint=None if final else it)
+        save_adapter(adapter, opts.adapter_dir, dict(job.meta, iteration=it, complete=final),
+                     checkpoint=None if final else it)
         if not final:  # the state file comes last: only then is the folder a checkpoint
             save_state(opts.adapter_dir / "checkpoints" / f"{it:07d}", it, optimizer)
-        train.prune_checkpoints(opts.adapter_dir, opts.keep)
+        prune_checkpoints(opts.adapter_dir, opts.keep)
 
-    reporter = train.Reporter(opts.iters, "mlx", train.metrics_file(opts), start)
-    train.loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
-    say(f"Adapter saved to {opts.adapter_dir}/ ({train.ADAPTER_FILE}, {train.SEED_ADAPTER_FILE})")
-    report.finish(opts, meta)
+    reporter = Reporter(opts.iters, "mlx", metrics_file(opts), start)
+    loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
     return opts.adapter_dir
 
 
@@ -209,7 +196,7 @@ def to_peft(model) -> dict:
 
 @dataclass
 class PeftAdapter:
-    """What train.save_adapter asks of a model: save_pretrained writing PEFT's two files."""
+    """What adapter.save_adapter asks of a model: save_pretrained writing PEFT's two files."""
 
     model: object
     config: object  # peft.LoraConfig
@@ -218,7 +205,7 @@ class PeftAdapter:
         from safetensors.numpy import save_file  # noqa: PLC0415
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(to_peft(self.model), folder / train.ADAPTER_FILE, metadata={"format": "pt"})
+        save_file(to_peft(self.model), folder / ADAPTER_FILE, metadata={"format": "pt"})
         self.config.save_pretrained(folder)
 
 
@@ -279,7 +266,7 @@ def save_state(folder: Path, it: int, optimizer) -> None:
 
 
 def restore_checkpoint(folder: Path, model, optimizer) -> int:
-    load_adapter_weights(model, folder / train.ADAPTER_FILE)
+    load_adapter_weights(model, folder / ADAPTER_FILE)
     arrays, meta = mx.load(str(folder / MLX_STATE_FILE), return_metadata=True)
     names = {k for k, _ in tree_flatten(optimizer.state)}
     if names != set(arrays):

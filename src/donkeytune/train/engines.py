@@ -1,4 +1,4 @@
-"""Which engine trains: torch (train.py) or MLX (engines/mlx_engine.py, Apple Silicon).
+"""Which engine trains: torch (train/torch/) or MLX (train/mlx.py, Apple Silicon).
 
 Nothing here imports mlx: only running the MLX engine does. Both engines write the same
 PEFT adapter, so every stage after training is one code path.
@@ -11,9 +11,9 @@ import platform
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import MLX_STATE_FILE
 
 ENGINES = ("auto", "torch", "mlx")
-MLX_STATE_FILE = "mlx_state.safetensors"  # an MLX checkpoint's optimizer state (torch: trainer_state.pt)
 MLX_INSTALL = "pip install 'donkeytune[mlx]'  (Linux: pip install 'mlx[cpu]' mlx-lm)"
 
 

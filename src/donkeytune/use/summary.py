@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import runinfo
-from .convert import model_name
-from .config import ModelOptions
+from .. import runinfo
+from ..gguf.stage import model_name
+from ..config import ModelOptions
 
 TEST_FILE = "test.json"  # answers of the last `test`, written by infer.run into output/report/
 

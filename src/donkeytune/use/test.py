@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import data, device, models, runinfo
-from .config import TestOptions
-from .errors import ConfigError
-from .progress import say, status
+from .. import data, device, models, runinfo
+from ..config import TestOptions
+from ..errors import ConfigError
+from ..progress import say, status
 
 
 def default_prompts(data_dir: str | None, n: int) -> list[dict]:
@@ -79,7 +79,8 @@ def _converted_gguf(opts: TestOptions) -> Path | None:
 
 def base_gguf(base_dir: Path, qtype: str) -> Path:
     """The base model exported and quantized like the fine-tuned one, cached."""
-    from . import gguf, quantize  # noqa: PLC0415
+    from .. import gguf  # noqa: PLC0415
+    from ..gguf import quantize  # noqa: PLC0415
 
     target = models.cache_dir() / "gguf" / f"{runinfo.model_fingerprint(base_dir)}-{qtype}.gguf"
     if not target.is_file():
@@ -93,14 +94,14 @@ def base_gguf(base_dir: Path, qtype: str) -> Path:
 
 def _gguf_type(path: Path) -> str:
     """The quantization type in a GGUF file's name (…-Q4_K_M.gguf), F16 when unknown."""
-    from .config import QUANT_TYPES  # noqa: PLC0415
+    from ..config import QUANT_TYPES  # noqa: PLC0415
 
     stem = path.stem.upper()
     return next((q for q in QUANT_TYPES if stem.endswith(q)), "F16")
 
 
 def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
-    from .gguf.runtime import load_llama  # noqa: PLC0415
+    from ..gguf.runtime import load_llama  # noqa: PLC0415
 
     say(f"Testing the GGUF {gguf_file} in llama.cpp (its own chat template and stop tokens)")
     tuned = load_llama(gguf_file, n_ctx=2048)

@@ -14,9 +14,9 @@ import json
 import math
 from pathlib import Path
 
-from .config import SEED_RECIPE, TrainOptions
-from .errors import ConfigError
-from .progress import say
+from ..config import SEED_RECIPE, TrainOptions
+from ..errors import ConfigError
+from ..progress import say
 
 RECIPE_FIELDS = ("iters", "batch_size", "num_layers", "lr", "rank")  # giving one means: seed
 ENV_NAMES = {"iters": "ITERS", "batch_size": "BATCH_SIZE", "num_layers": "NUM_LAYERS", "lr": "LR",
@@ -126,7 +126,8 @@ def _params_from_config(cfg: dict) -> int:
 
 def resolve(opts: TrainOptions, folder: Path, n_examples: int) -> TrainOptions:
     """Fill what the user left unset (before the model loads) and print the choice and why."""
-    from . import device, memory  # noqa: PLC0415
+    from .. import device  # noqa: PLC0415
+    from . import memory  # noqa: PLC0415
 
     unset = [f for f in (*RECIPE_FIELDS, "scale") if getattr(opts, f) is None]
     if not unset:  # everything given, or a resumed run's recorded options

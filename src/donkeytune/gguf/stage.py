@@ -12,9 +12,10 @@ import re
 import time
 from pathlib import Path
 
-from . import memory, runinfo
-from .config import ConvertOptions, ExportAdapterOptions, ExportOptions, QuantizeOptions
-from .progress import say, status
+from .. import runinfo
+from ..train import memory
+from ..config import ConvertOptions, ExportAdapterOptions, ExportOptions, QuantizeOptions
+from ..progress import say, status
 
 
 def model_name(reference: str) -> str:
@@ -31,7 +32,8 @@ def gguf_paths(opts: ConvertOptions, run: dict) -> tuple[Path, Path]:
 
 def run(opts: ConvertOptions) -> Path:
     """Fuse + export + quantize the trained adapter; returns the quantized GGUF."""
-    from . import fuse, gguf, quantize  # noqa: PLC0415
+    from .. import fuse, gguf  # noqa: PLC0415
+    from . import quantize  # noqa: PLC0415
 
     run_info = runinfo.read_run(opts.adapter_dir)
     full, quant = gguf_paths(opts, run_info)
@@ -52,7 +54,7 @@ def run(opts: ConvertOptions) -> Path:
         "convert", opts, base_model=run_info["base_model"], base_model_path=run_info["base_model_path"],
         base_fingerprint=run_info["base_fingerprint"], full=full.name, quantized=quant.name,
         system_prompt=run_info.get("system_prompt"), data_dir=run_info.get("data_dir")))
-    from . import ollama  # noqa: PLC0415
+    from ..use import ollama  # noqa: PLC0415
 
     modelfile = ollama.write_modelfile(quant, opts.fused_dir, run_info.get("system_prompt"))
     for path, seconds in timings:
@@ -71,7 +73,7 @@ def _fused_is_current(opts: ConvertOptions) -> bool:
 
 
 def run_export(opts: ExportOptions) -> Path:
-    from . import gguf  # noqa: PLC0415
+    from .. import gguf  # noqa: PLC0415
 
     memory.check_model_write(Path(opts.hf_dir), Path(opts.out).parent, [opts.outtype], "the GGUF file")
     with status(f"Exporting {opts.hf_dir} to {opts.out} ({opts.outtype})"):
@@ -93,7 +95,7 @@ def run_quantize(opts: QuantizeOptions) -> Path:
 
 def run_export_adapter(opts: ExportAdapterOptions) -> Path:
     """The LoRA adapter as a GGUF adapter, for llama.cpp --lora and Ollama's ADAPTER."""
-    from . import gguf  # noqa: PLC0415
+    from .. import gguf  # noqa: PLC0415
 
     adapter_dir = Path(opts.adapter_dir)
     run_info = runinfo.read_run(adapter_dir)

@@ -15,9 +15,9 @@ import signal
 import socket
 
 from .chat import resolve_gguf
-from .config import ServeOptions
-from .errors import ConfigError
-from .progress import say, warn
+from ..config import ServeOptions
+from ..errors import ConfigError
+from ..progress import say, warn
 
 MAX_BODY = 4 << 20  # bytes of one request; chat prompts are far smaller
 ROLES = ("system", "user", "assistant", "tool", "function")
@@ -57,7 +57,7 @@ def build_app(path, alias: str, system: str | None, n_ctx: int = 2048):
     except ImportError:
         raise ConfigError("the server needs llama-cpp-python's server packages",
                           "pip install 'donkeytune[serve]'") from None
-    from .gguf.runtime import _no_weight_repacking  # noqa: PLC0415 - same protection as load_llama
+    from ..gguf.runtime import _no_weight_repacking  # noqa: PLC0415 - same protection as load_llama
 
     with _no_weight_repacking():  # create_app loads the model
         app = create_app(server_settings=ServerSettings(),

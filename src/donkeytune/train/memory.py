@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DonkeyError
+from ..errors import ConfigError, DonkeyError
 
 GB = 1e9
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -162,7 +162,7 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
     """Compare the estimate with free memory before loading. Returns opts (for an auto recipe,
     shrunk until it fits); raises OutOfMemory with the settings that fit otherwise. `packed`:
     the run will pack its frozen weights (loralinear.can_pack)."""
-    from .progress import say  # noqa: PLC0415
+    from ..progress import say  # noqa: PLC0415
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
     n_params = count_params(folder)

@@ -17,12 +17,12 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, data
-from .config import (DataCheckOptions, DataMergeOptions, DataSplitOptions, DataStatsOptions,
+from .. import __version__, data
+from ..config import (DataCheckOptions, DataMergeOptions, DataSplitOptions, DataStatsOptions,
                      DataWriteOptions)
-from .data import Example, Problem
-from .errors import DataError
-from .progress import say, warn
+from .load import Example, Problem
+from ..errors import DataError
+from ..progress import say, warn
 
 SPLITS = ("train", "valid")
 MIN_VALID = 10  # fewer validation examples make a noisy validation loss
@@ -300,7 +300,7 @@ def _tokenizer(opts) -> tuple[object | None, list[str]]:
     if not opts.tokenizer:
         return None, ["token lengths not checked (--no-tokenizer)"]
     try:
-        from . import device, models  # noqa: PLC0415
+        from .. import device, models  # noqa: PLC0415
 
         folder = models.resolve(opts.model, trust_remote_code=opts.trust_remote_code)
         return device.load_tokenizer(folder, trust_remote_code=opts.trust_remote_code), []

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .progress import warn
+from ..progress import warn
 
 MODELFILE = "Modelfile"
 
@@ -122,7 +122,7 @@ def template_of(source: Path | str | None, gguf_path: Path) -> tuple[str | None,
     """(Jinja chat template, architecture) from an HF folder, a template string or the GGUF."""
     is_template = isinstance(source, str) and ("{" in source or "\n" in source)
     if source is not None and not is_template:
-        from .gguf.vocab import chat_template  # noqa: PLC0415 - the exporter's own reading
+        from ..gguf.vocab import chat_template  # noqa: PLC0415 - the exporter's own reading
 
         folder = Path(source)
         tok_cfg = _read_json(folder / "tokenizer_config.json")

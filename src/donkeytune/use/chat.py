@@ -10,10 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import runinfo
-from .config import ChatOptions, RunGGUFOptions
-from .errors import ModelError
-from .progress import say
+from .. import runinfo
+from ..config import ChatOptions, RunGGUFOptions
+from ..errors import ModelError
+from ..progress import say
 
 HELP = "/reset starts over, /exit (or Ctrl-D) leaves"
 
@@ -37,7 +37,7 @@ def resolve_gguf(opts: RunGGUFOptions) -> tuple[Path, str | None]:
 
 def run(opts: ChatOptions) -> None:
     """An interactive chat until /exit or end of input."""
-    from .gguf.runtime import load_llama  # noqa: PLC0415
+    from ..gguf.runtime import load_llama  # noqa: PLC0415
 
     path, system = resolve_gguf(opts)
     say(f"Loading {path}")
