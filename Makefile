@@ -20,7 +20,7 @@ VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LE
 $(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
 
 .PHONY: help setup demo check check-slow bench train train-resume fuse test test-prompt convert chat serve all \
-        merge-data train-merged models clean-output clean
+        ui merge-data train-merged models clean-output clean
 
 help:
 	@echo "DonkeyTune - fine-tune a small LLM with LoRA, get back a GGUF"
@@ -36,6 +36,7 @@ help:
 	@echo "  make convert       fuse + GGUF export + llama.cpp quantization -> output/gguf/ (QUANTIZE=Q4_K_M)"
 	@echo "  make chat          chat with the converted GGUF in the terminal (SYSTEM= to change the system prompt)"
 	@echo "  make serve         OpenAI-compatible server for the GGUF at http://127.0.0.1:8000/v1 (PORT= HOST=)"
+	@echo "  make ui            a local web page for the whole job at http://127.0.0.1:7860 (PORT= HOST=)"
 	@echo "  make all           train + convert + test"
 	@echo "  make test          the default prompts, base vs fine-tuned GGUF in llama.cpp (MODEL from the run)"
 	@echo "  make test-prompt   one prompt: PROMPT=\"...\""
@@ -65,6 +66,10 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@# the page's browser test drives Debian's Chromium; as root with apt-get (CI) it is installed here
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null \
+	  || echo "note: chromium not installed, the browser test will be skipped"; fi
 	@touch $@
 
 check: $(VENV)/.installed-test
@@ -111,6 +116,13 @@ $(VENV)/.installed-serve: $(VENV)/.installed
 
 serve: $(VENV)/.installed-serve
 	$(DT) serve
+
+$(VENV)/.installed-ui: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[ui]"
+	@touch $@
+
+ui: $(VENV)/.installed-ui
+	$(DT) ui
 
 all: setup
 	$(DT) train

@@ -62,6 +62,8 @@ COMMANDS = {
              "chat with the GGUF in the terminal (streaming, /reset, /exit)"),
     "serve": (config.ServeOptions, _stage("use.serve"),
               "OpenAI-compatible HTTP server for the GGUF (/v1/models, /v1/chat/completions)"),
+    "ui": (config.UiOptions, _stage("ui"),
+           "a local web page for the whole job: data, live training, side-by-side chat, GGUF"),
     "summary": (config.ModelOptions, _stage("use.summary"),
                 "what the last run produced and how to use it"),
     "models": (None, _stage("report", "print_models"),

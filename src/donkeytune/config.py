@@ -410,6 +410,24 @@ class ServeOptions(RunGGUFOptions):
         _check(0 < self.port < 65536, f"port must be between 1 and 65535, got {self.port}")
 
 
+@dataclass
+class UiOptions:
+    """`donkeytune ui`: the local web page for the whole job."""
+
+    output_dir: str = opt("output", "the run's folder: uploaded data go to its data/, the "
+                          "stages write adapters/, fused/, gguf/ and report/ there", env="OUTPUT_DIR")
+    model: str | None = opt(None, "model chosen on the page at the start (default: smollm2-135m)",
+                            env="MODEL")
+    host: str = opt("127.0.0.1", "address to listen on (only this machine by default; the page "
+                    "has no login)", env="HOST")
+    port: int = opt(7860, "TCP port", env="PORT")
+    browser: bool = opt(True, "open the page in a web browser (--no-browser: only print its address)")
+
+    def __post_init__(self):
+        _check(0 < self.port < 65536, f"port must be between 1 and 65535, got {self.port}")
+
+
 ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions, ConvertOptions, ExportOptions,
                QuantizeOptions, ExportAdapterOptions, DataCheckOptions, DataStatsOptions,
-               DataSplitOptions, DataWriteOptions, DataMergeOptions, ChatOptions, ServeOptions)
+               DataSplitOptions, DataWriteOptions, DataMergeOptions, ChatOptions, ServeOptions,
+               UiOptions)
