@@ -136,7 +136,7 @@ def test_two_trainings_at_once(project, tiny_model):
         status, got = request(url, "POST", "/api/stop", body={})
         assert status == 200
         st = wait_job(url, timeout=90)
-        assert st["job"]["state"] in ("stopped", "failed") and st["job"]["returncode"] == 130
+        assert st["job"]["state"] == "stopped" and st["job"]["returncode"] in (130, -signal.SIGINT)
         status, got = request(url, "POST", "/api/train", body={"iters": 0})
         assert status == 400 and "ITERS must be positive" in got["error"]
     assert snapshot(project, out) == before

@@ -50,7 +50,7 @@ class Job:
             state = "stopping" if self.stopping else "running"
         elif rc == 0:
             state = "finished"
-        elif rc == 130:
+        elif rc in (130, -signal.SIGINT):  # stopped in its loop, or before it began
             state = "stopped"
         else:
             state = "failed"
