@@ -2,7 +2,10 @@
 # Variables given here (make train ITERS=300) reach the CLI as DONKEYTUNE_<NAME>;
 # defaults live in one place, the CLI (donkeytune train --help).
 
-PYTHON ?= python3
+# The newest python3.1x (>= 3.10) on PATH, else python3 when it is >= 3.10 (macOS's Xcode python3 is 3.9)
+PYTHON ?= $(shell for p in python3.14 python3.13 python3.12 python3.11 python3.10 python3; do \
+            command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+            2>/dev/null && { echo $$p; break; }; done)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DT := $(BIN)/donkeytune
@@ -14,13 +17,17 @@ ifeq ($(shell uname -s)/$(shell uname -m),Darwin/arm64)
 SETUP_EXTRAS := [mlx]
 endif
 
-VARS := MODEL ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE ALPHA DROPOUT MAX_SEQ_LENGTH QUANTIZE \
-        DEVICES FSDP PROMPT NUM_PROMPTS DATA_DIR RESUME_FROM OUTPUT_DIR FORCE CONFIG SEED SAVE_EVERY DEVICE DTYPE \
-        INPUTS GGUF SYSTEM HOST PORT RECIPE REPORT_TO ENGINE
-$(foreach v,$(VARS),$(if $(filter-out undefined,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
+# Every Make name an option declares (`opt(..., env="NAME")` in config.py) reaches the CLI as
+# DONKEYTUNE_NAME when it is given (command line or environment): the list is read from the
+# declarations, never kept here by hand (`make vars` prints it).
+CONFIG_PY := $(dir $(lastword $(MAKEFILE_LIST)))src/donkeytune/config.py
+MAKE_NAMES := $(sort $(shell sed -n 's/.*env="\([A-Z0-9_]*\)".*/\1/p' $(CONFIG_PY)))
+$(foreach v,$(MAKE_NAMES),$(if $(filter environment command% override,$(origin $(v))),$(eval export DONKEYTUNE_$(v) := $$($(v)))))
+OUT := $(or $(OUTPUT_DIR),output)
+CACHE_DIR := $(or $(DONKEYTUNE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/donkeytune)
 
 .PHONY: help setup demo check check-slow bench train train-resume fuse test test-prompt convert chat serve all \
-        ui merge-data train-merged models clean-output clean
+        ui merge-data train-merged models clean-output clean-cache clean vars
 
 help:
 	@echo "DonkeyTune - fine-tune a small LLM with LoRA, get back a GGUF"
@@ -41,7 +48,8 @@ help:
 	@echo "  make test          the default prompts, base vs fine-tuned GGUF in llama.cpp (MODEL from the run)"
 	@echo "  make test-prompt   one prompt: PROMPT=\"...\""
 	@echo "  make models        built-in and tested models"
-	@echo "  make clean-output  remove output/ (adapters, fused model, GGUF)"
+	@echo "  make clean-output  remove what the stages wrote in OUTPUT_DIR (output/: adapters, fused model, GGUF)"
+	@echo "  make clean-cache   remove $(CACHE_DIR) (imported models), after saying its size"
 	@echo "  make clean         remove output/ and $(VENV)"
 	@echo ""
 	@echo "  make merge-data    merge datasets into DATA_DIR: INPUTS=\"datasets/a datasets/b\" (no duplicates, no leaks)"
@@ -50,9 +58,14 @@ help:
 	@echo ""
 	@echo "Defaults: RECIPE=auto (chosen for the model, data and memory; RECIPE=seed: ITERS=600 BATCH_SIZE=4"
 	@echo "          NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10) DATA_DIR=data MODEL=smollm2-135m"
+	@echo "Every variable (each reaches the CLI as DONKEYTUNE_<NAME>): $(MAKE_NAMES)"
 	@echo "All options: $(DT) train --help"
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "error: DonkeyTune needs Python 3.10 or newer, and python3 on PATH is" \
+	  "$$(python3 --version 2>&1 || echo missing). Install one, then run make setup again:" \
+	  "brew install python@3.12 (macOS), sudo apt install python3.12-venv (Debian/Ubuntu)," \
+	  "or any python 3.10+ and make setup PYTHON=/path/to/python3.12"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
@@ -149,8 +162,18 @@ train-merged: setup
 	$(DT) data merge --out $(MERGED_DIR)
 	$(DT) train --data-dir $(MERGED_DIR)
 
+# What the stages write under OUTPUT_DIR; the folder itself goes when nothing else is left in it
 clean-output:
-	rm -rf output
+	rm -rf $(addprefix $(OUT)/,adapters fused gguf report merged-data)
+	@rmdir $(OUT) 2>/dev/null || true
+
+clean-cache:
+	@if [ -d "$(CACHE_DIR)" ]; then echo "removing $(CACHE_DIR) ($$(du -sh "$(CACHE_DIR)" | cut -f1):" \
+	  "imported GGUF models; downloads stay in the Hugging Face cache)"; rm -rf "$(CACHE_DIR)"; \
+	  else echo "nothing to remove: $(CACHE_DIR) does not exist"; fi
 
 clean: clean-output
 	rm -rf $(VENV)
+
+vars:
+	@echo $(MAKE_NAMES)

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    parser.add_argument("--config", metavar="YAML", help="read options from this YAML file")
+    parser.add_argument("--config", metavar="YAML",
+                        help=f"{config.CONFIG_OPTION['help']} [{config.CONFIG_OPTION['env']}]")
     types_ = config.field_types(cls)
     for f in dataclasses.fields(cls):
         meta, tp = f.metadata, types_[f.name]

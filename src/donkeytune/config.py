@@ -22,6 +22,10 @@ ENV_PREFIX = "DONKEYTUNE_"
 SEED_RECIPE = dict(iters=600, batch_size=4, num_layers=8, lr=1e-5, rank=8, scale=10.0)
 
 
+# The `--config YAML` option every command has (resolve reads it before the others)
+CONFIG_OPTION = dict(help="read options from this YAML file", env="CONFIG")
+
+
 def opt(default, help: str, *, env: str | None = None, positional: bool = False,
         required: bool = False, choices: tuple | None = None):
     """A stage option: `env` is its Make variable (MODEL, ITERS, ...)."""
@@ -67,13 +71,21 @@ def convert(value, tp: type, name: str):
         raise ConfigError(f"option {name}: {value!r} is not a valid {tp.__name__}") from None
 
 
+def make_names(classes=None) -> set[str]:
+    """Every Make variable the options declare (the Makefile reads the same declarations)."""
+    names = {CONFIG_OPTION["env"]}
+    for cls in classes or ALL_OPTIONS:
+        names |= {f.metadata["env"] for f in dataclasses.fields(cls) if f.metadata.get("env")}
+    return names
+
+
 def resolve(cls, flags: dict | None = None, *, config_file: str | Path | None = None,
             environ: typing.Mapping[str, str] | None = None):
     """Build `cls` from defaults < YAML < environment < flags; validation runs in __post_init__."""
     environ = os.environ if environ is None else environ
     types_ = field_types(cls)
     values: dict = {}
-    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    config_file = config_file or environ.get(ENV_PREFIX + CONFIG_OPTION["env"])
     if config_file:
         values.update(_read_yaml(Path(config_file), cls))
     for f in dataclasses.fields(cls):
