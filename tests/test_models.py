@@ -88,6 +88,15 @@ def test_models_command_lists_the_table(capsys):
     for alias in ("smollm2-135m", "gemma-3-270m-it", "qwen2.5-0.5b", "qwen2.5-coder-1.5b",
                   "smollm3-3b", "llama-3.2-1b"):
         assert alias in out
+    # the seed's list, under the seed's public repo ids, with its per-model settings
+    for repo in ("unsloth/gemma-3-270m-it", "Menlo/Lucy-128k", "Menlo/Jan-nano", "Menlo/Jan-nano-128k",
+                 "EssentialAI/rnj-1-instruct", "unsloth/SmolLM3-3B-128K", "unsloth/Qwen2.5-0.5B-Instruct",
+                 "unsloth/Qwen2.5-1.5B-Instruct", "unsloth/Qwen2.5-Coder-1.5B-Instruct",
+                 "Qwen/Qwen2.5-Coder-0.5B-Instruct"):
+        assert repo in out
+    assert models.find_known("unsloth/SmolLM3-3B-128K").seed == dict(batch_size=2, num_layers=4,
+                                                                       rank=8, lr=1e-5)
+    assert models.find_known("google/gemma-3-270m-it").repo == "unsloth/gemma-3-270m-it"
 
 
 def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path):

@@ -19,6 +19,7 @@ def cfg(hidden=2048, inter=8192, layers=36, heads=16, kv=8, vocab=151936):
 
 
 def options(**flags) -> TrainOptions:
+    flags.setdefault("model", "./a-model-the-seed-does-not-name")
     return config.resolve(TrainOptions, flags, environ={})
 
 
@@ -55,21 +56,53 @@ def test_iters_come_from_the_number_of_examples(examples, iters):
     assert values["iters"] == iters and f"of {examples} examples" in reasons["iters"]
 
 
-def test_what_the_user_sets_wins():
-    # setting none of the five: auto; setting one: the seed's defaults fill the rest
-    assert recipe.pick_recipe(options()) == "auto"
-    assert recipe.pick_recipe(options(lr=3e-4)) == "seed"
-    values, reasons = recipe.choose(options(lr=3e-4), cfg(), 160, PLENTY, params=int(0.5e9))
-    assert values == dict(config.SEED_RECIPE, lr=3e-4) and reasons["lr"] == "given"
-    # an explicit auto keeps the user's value and chooses the rest
+def test_one_rule_the_recipe_fills_only_what_you_left_unset():
+    # ITERS=60 alone (the case): auto keeps choosing LR, SCALE, ... as without it
+    assert recipe.pick_recipe(options()) == recipe.pick_recipe(options(iters=60)) == "auto"
+    alone, _ = recipe.choose(options(), cfg(), 144, PLENTY, params=int(0.135e9))
+    values, reasons = recipe.choose(options(iters=60), cfg(), 144, PLENTY, params=int(0.135e9))
+    assert values == dict(alone, iters=60) and values["lr"] == 2e-4
+    assert reasons["iters"] == "you" and reasons["lr"] != "you"
+    # RECIPE=seed fills with the seed's values and keeps yours
+    values, reasons = recipe.choose(options(recipe="seed", lr=3e-4), cfg(), 160, PLENTY,
+                                    params=int(0.5e9))
+    assert values == dict(config.SEED_RECIPE, lr=3e-4) and reasons["lr"] == "you"
     values, reasons = recipe.choose(options(recipe="auto", batch_size=2, scale=4.0), cfg(), 160,
                                     PLENTY, params=int(0.5e9))
     assert values["batch_size"] == 2 and values["scale"] == 4.0 and values["lr"] == 2e-4
     assert values["iters"] == 640  # 8 epochs at the user's batch size
-    assert reasons["batch_size"] == reasons["scale"] == "given"
+    assert reasons["batch_size"] == reasons["scale"] == "you"
     # ALPHA gives the scale once the rank is known
-    values, _ = recipe.choose(options(alpha=32.0), cfg(), 160, PLENTY, params=int(0.5e9))
-    assert values["scale"] == 4.0
+    values, reasons = recipe.choose(options(alpha=32.0), cfg(), 160, PLENTY, params=int(0.5e9))
+    assert values["scale"] == 4.0 and recipe.source("auto", reasons["scale"]) == "you"
+
+
+def test_the_plan_table_says_where_each_value_came_from():
+    values, reasons = recipe.choose(options(iters=60), cfg(), 144, PLENTY, params=int(0.135e9))
+    rows = {line.split()[0]: line.split()[1:] for line in recipe.table("auto", values, reasons)
+            .splitlines()[1:]}
+    assert rows["ITERS"][:2] == ["60", "you"] and rows["LR"][:2] == ["0.0002", "auto"]
+    values, reasons = recipe.choose(options(recipe="seed", rank=4), cfg(), 144, PLENTY)
+    rows = {line.split()[0]: line.split()[1:] for line in recipe.table("seed", values, reasons)
+            .splitlines()[1:]}
+    assert rows["RANK"][:2] == ["4", "you"] and rows["LR"][:2] == ["1e-05", "seed"]
+
+
+@pytest.mark.parametrize("model, want", [
+    ("unsloth/SmolLM3-3B-128K", dict(batch_size=2, num_layers=4, rank=8, lr=1e-5)),
+    ("jan-nano", dict(batch_size=1, num_layers=4, rank=8, lr=5e-6)),
+    ("EssentialAI/rnj-1-instruct", dict(batch_size=1, num_layers=2, rank=4, lr=5e-6)),
+    ("unsloth/gemma-3-270m-it", dict(batch_size=4, num_layers=8, rank=8, lr=1e-5)),
+])
+def test_the_seeds_settings_for_the_models_it_names(model, want):
+    values, reasons = recipe.choose(options(model=model, recipe="seed"), cfg(), 160, PLENTY)
+    assert {k: values[k] for k in want} == want and values["iters"] == 600
+    assert "the seed's settings for" in reasons["batch_size"]
+    # auto starts from them too (LR x SCALE stronger, as for every model)
+    values, reasons = recipe.choose(options(model=model), cfg(), 160, PLENTY, params=int(0.2e9))
+    assert (values["batch_size"], values["num_layers"], values["rank"]) == \
+        (want["batch_size"], want["num_layers"], want["rank"])
+    assert "the seed's settings for" in reasons["batch_size"]
 
 
 def test_recipe_none_needs_every_value():

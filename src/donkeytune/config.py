@@ -153,9 +153,10 @@ class ModelOptions:
 @dataclass
 class TrainOptions(ModelOptions):
     data_dir: str = opt("data", "folder with train.jsonl and valid.jsonl", env="DATA_DIR")
-    recipe: str | None = opt(None, "how unset ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE are chosen: "
-                             "auto (from the model, data and memory; the default when none of the "
-                             "first five is set), seed (the seed's 600/4/8/1e-5/8/10) or none",
+    recipe: str | None = opt(None, "what fills ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE when you "
+                             "leave them unset (values you set are kept): auto (from the model, data "
+                             "and memory; the default), seed (the seed's 600/4/8/1e-5/8/10, with its "
+                             "settings for the models it names) or none (set them all)",
                              env="RECIPE", choices=("auto", "seed", "none"))
     # None below = "from the recipe" (recipe.resolve fills them before the model loads)
     iters: int | None = opt(None, "optimizer steps (default: the recipe's; seed 600)", env="ITERS")

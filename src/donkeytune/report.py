@@ -31,14 +31,17 @@ def print_models() -> None:
     """The built-in alias and the models the seed was tested with, and which fit here."""
     dev, avail = memory_here()
     rows = [("alias", "Hugging Face repo", "params", "layers", "context", "disk (bf16)", "train mem",
-             f"fits here ({avail:.0f} GB {dev})", "note")]
+             f"fits here ({avail:.0f} GB {dev})", "seed B/L/R/LR", "note")]
     for m in KNOWN_MODELS:
+        seed = "/".join(f"{m.seed[k]:g}" for k in ("batch_size", "num_layers", "rank", "lr"))
         rows.append((m.alias, m.repo, f"{m.params_b:g}B", str(m.layers), str(m.context),
                      f"{m.params_b * 2:.1f} GB", f"~{m.train_gb:g} GB", fits_here(m.train_gb, avail),
-                     m.note))
+                     seed, m.note))
     print_table(rows)
     print("\ntrain mem: a LoRA run with the seed's recipe for the size (bf16 weights); "
           "`donkeytune train` checks the figure for your data before it loads the model.")
+    print("seed B/L/R/LR: the seed's BATCH_SIZE/NUM_LAYERS/RANK/LR for the model, where the "
+          "recipe starts (RECIPE=seed takes them as they are).")
     print("MODEL= takes an alias, a repo id, a local HF folder or a .gguf file.")
 
 

@@ -1,10 +1,12 @@
 """Recipes: the settings the user left unset, chosen from the model, the data and the memory.
 
-`seed`: the seed's flat defaults (ITERS=600 BATCH_SIZE=4 NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10).
-`auto`: the seed's table by model size, shrunk to the memory there is, with a stronger
-LR x SCALE and ITERS from the number of examples (see `choose`).
+One rule: the recipe (`auto` unless RECIPE= says otherwise) fills every value the user did
+not set, and keeps every value the user set.
+`seed`: the seed's defaults (ITERS=600 BATCH_SIZE=4 NUM_LAYERS=8 LR=1e-5 RANK=8 SCALE=10), with
+the seed's own settings for a model it names (SmolLM3-3B: BATCH_SIZE=2 NUM_LAYERS=4, ...).
+`auto`: the seed's settings for the model (its table by size for other models), shrunk to the
+memory there is, with a stronger LR x SCALE and ITERS from the number of examples (see `choose`).
 `none`: no recipe; every one of those options must be given.
-Anything the user sets wins, whatever the recipe.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ..config import SEED_RECIPE, TrainOptions
 from ..errors import ConfigError
 from ..progress import say
 
-RECIPE_FIELDS = ("iters", "batch_size", "num_layers", "lr", "rank")  # giving one means: seed
+RECIPE_FIELDS = ("iters", "batch_size", "num_layers", "lr", "rank")
+YOU = "you"  # the source of a value the user set
 ENV_NAMES = {"iters": "ITERS", "batch_size": "BATCH_SIZE", "num_layers": "NUM_LAYERS", "lr": "LR",
              "rank": "RANK", "scale": "SCALE"}
 
@@ -47,10 +50,16 @@ def size_class(params_b: float):
 
 
 def pick_recipe(opts: TrainOptions) -> str:
-    """auto unless the user set one of ITERS BATCH_SIZE NUM_LAYERS LR RANK (then the seed's)."""
-    if opts.recipe:
-        return opts.recipe
-    return "seed" if any(getattr(opts, f) is not None for f in RECIPE_FIELDS) else "auto"
+    """RECIPE= when given, else auto: setting ITERS (or any one value) never switches recipe."""
+    return opts.recipe or "auto"
+
+
+def seed_settings(opts: TrainOptions) -> tuple[dict, str] | None:
+    """The seed's BATCH_SIZE/NUM_LAYERS/RANK/LR for a model the seed names, else None."""
+    from ..models import DEFAULT_MODEL, find_known  # noqa: PLC0415
+
+    known = find_known(opts.model or DEFAULT_MODEL)
+    return (dict(known.seed), f"the seed's settings for {known.repo}") if known else None
 
 
 def choose(opts: TrainOptions, model_config: dict, n_examples: int, mem_bytes: float,
@@ -69,27 +78,35 @@ def choose(opts: TrainOptions, model_config: dict, n_examples: int, mem_bytes: f
                               "or --recipe seed (the seed's defaults)")
     elif name == "seed":
         values = dict(SEED_RECIPE)
-        reasons = {k: "seed default" for k in values}
+        reasons = {k: "the seed's default" for k in values}
+        known = seed_settings(opts)
+        if known:
+            values.update(known[0])
+            reasons.update(dict.fromkeys(known[0], known[1]))
     else:
-        values, reasons = _auto(model_config, n_examples, mem_bytes, params, given)
+        values, reasons = _auto(model_config, n_examples, mem_bytes, params, given, seed_settings(opts))
     for f, v in given.items():
         values[f] = v
-        reasons[f] = "given"
+        reasons[f] = YOU
     if opts.alpha is not None:
         values["scale"] = opts.alpha / values["rank"]
-        reasons["scale"] = f"ALPHA={opts.alpha:g} / RANK"
+        reasons["scale"] = f"{YOU}: ALPHA={opts.alpha:g} / RANK"
     return values, reasons
 
 
-def _auto(cfg: dict, n_examples: int, mem_bytes: float, params: int | None, given: dict):
+def _auto(cfg: dict, n_examples: int, mem_bytes: float, params: int | None, given: dict,
+          known: tuple[dict, str] | None = None):
     from . import memory  # noqa: PLC0415
 
     text = cfg.get("text_config", cfg)
     n_params = params or _params_from_config(text)
     size_b = n_params / 1e9
     limit, batch, layers, rank, seed_lr, label = size_class(size_b)
-    layers = min(layers, text["num_hidden_layers"])
     why = f"seed table, {label} model ({size_b:.2f}B)"
+    if known:  # the seed's own settings for this model are the starting point
+        batch, layers, rank, seed_lr = (known[0][k] for k in ("batch_size", "num_layers", "rank", "lr"))
+        why = known[1]
+    layers = min(layers, text["num_hidden_layers"])
     values = {"batch_size": batch, "num_layers": layers, "rank": rank}
     reasons = dict.fromkeys(values, why)
     # memory: step BATCH_SIZE then NUM_LAYERS down until a 512-token batch fits (the precise check
@@ -148,10 +165,18 @@ def seed_filled(opts: TrainOptions) -> TrainOptions:
     return dataclasses.replace(opts, **unset) if unset else opts
 
 
+def source(name: str, reason: str) -> str:
+    """Where a value came from: you, or the recipe (auto / seed)."""
+    return YOU if reason.startswith(YOU) else name
+
+
 def table(name: str, values: dict, reasons: dict) -> str:
+    """One row per value: NAME, value, you/auto/seed, why."""
     rows = [(ENV_NAMES[k], f"{values[k]:g}" if isinstance(values[k], float) else str(values[k]),
-             reasons[k]) for k in ENV_NAMES]
-    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    lines = [f"Recipe {name} (--recipe auto|seed|none; any option you set wins):"]
-    lines += [f"  {a.ljust(w0)}  {b.ljust(w1)}  {c}" for a, b, c in rows]
+             source(name, reasons[k]), reasons[k].removeprefix(YOU).removeprefix(": "))
+            for k in ENV_NAMES]
+    w0, w1, w2 = (max(len(r[i]) for r in rows) for i in range(3))
+    lines = [f"Recipe {name} (RECIPE=auto|seed|none): it fills what you did not set; "
+             "what you set is kept"]
+    lines += [f"  {a.ljust(w0)}  {b.ljust(w1)}  {c.ljust(w2)}  {d}".rstrip() for a, b, c, d in rows]
     return "\n".join(lines)
