@@ -10,6 +10,7 @@ lora_b (r, out); PEFT computes base(x) + lora_alpha / r * lora_B(lora_A(x)) with
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -61,19 +62,19 @@ def run(job: Job) -> Path:
     optimizer.init(model.trainable_parameters())
     start = restore_checkpoint(job.checkpoint, model, optimizer) if job.checkpoint else 0
 
-    batches = data.batches(job.train_set, opts.batch_size, opts.seed, pad, start_step=start)
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    batches = (arrays(chunk, pad, COMPILE) for chunk in
+               length_batches(job.train_set, opts.batch_size, opts.seed, start_step=start))
+    model.train()
+    update = train_step(model, optimizer, compiled=COMPILE)
     done = [start]
 
     def step(batch):
         done[0] += 1
-        model.train()
         mx.random.seed(opts.seed * 1_000_003 + done[0])  # dropout per step: a resumed run redraws it
-        (loss, _), grads = loss_and_grad(model, *rows(batch, pad))
+        loss = update(*batch.inputs)
+        mx.eval(loss, model.trainable_parameters(), optimizer.state)
         value = loss.item()
-        check_finite(value, opts)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+        check_finite(value, opts)  # raises: the model in memory is dropped, the last checkpoint kept
         return value, batch.tokens
 
     def evaluate():
@@ -82,9 +83,10 @@ def run(job: Job) -> Path:
         for b, i in enumerate(range(0, len(valid_set), opts.batch_size)):
             if opts.val_batches != -1 and b >= opts.val_batches:
                 break
-            loss, ntok = loss_fn(model, *rows(data.collate(valid_set[i:i + opts.batch_size], pad), pad))
+            loss, ntok = loss_fn(model, *arrays(valid_set[i:i + opts.batch_size], pad, False).inputs)
             total += loss.item() * ntok.item()
             count += ntok.item()
+        model.train()
         return total / max(count, 1)
 
     adapter = PeftAdapter(model, peft_config(model, opts, folder))
@@ -118,6 +120,7 @@ def lora_model(folder: Path, opts: TrainOptions):
                           f"use NUM_LAYERS={n_blocks} or -1 (all)")
     linear_to_lora_layers(model, n, dict(rank=opts.rank, scale=opts.scale, dropout=opts.dropout,
                                          keys=block_linear_keys(model)))
+    model.labelled_head = head(model)  # a plain attribute, not a parameter
     return model
 
 
@@ -149,25 +152,104 @@ def block_linear_keys(model) -> list[str]:
                   if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
 
 
-def rows(batch: data.Batch, pad_id: int):
-    """(input ids, labels) with one right-padded row per example: mlx-lm's models take no
-    position ids, so the examples data.collate packed into shared rows are taken apart."""
-    examples = [(batch.input_ids[r][s:s + n], batch.labels[r][s:s + n]) for _, r, s, n in batch.segments]
-    width = max(len(ids) for ids, _ in examples)
-    ids = [x + [pad_id] * (width - len(x)) for x, _ in examples]
-    labels = [y + [data.IGNORE] * (width - len(y)) for _, y in examples]
-    return mx.array(ids), mx.array(labels)
+def length_batches(items: list, batch_size: int, seed: int, *, start_step: int = 0):
+    """Endless seeded epochs of BATCH_SIZE examples of similar lengths, so that little padding
+    is left: each epoch is shuffled, cut into windows of WINDOW batches, each window sorted by
+    length and cut into batches, and the batches of a window shuffled. Skips `start_step`."""
+    window_size = WINDOW if LENGTH_GROUPED else 1
+    step, epoch = 0, 0
+    while True:
+        rng = random.Random(seed + epoch)
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
+        for w in range(0, usable, window_size * batch_size):
+            window = sorted(order[w:min(w + window_size * batch_size, usable)],
+                            key=lambda j: len(items[j].input_ids))
+            chunks = [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+            rng.shuffle(chunks)
+            for chunk in chunks:
+                if step >= start_step:
+                    yield [items[j] for j in chunk]
+                step += 1
+        epoch += 1
 
 
-def loss_fn(model, ids, labels):
-    """Mean cross-entropy over the labelled tokens (the assistant's unless --train-on-prompt)
-    and their count; labels[k] is the target of position k - 1, as data.collate writes them."""
-    logits = model(ids[:, :-1]).astype(mx.float32)
-    targets = labels[:, 1:]
-    keep = targets != data.IGNORE
-    ce = nn.losses.cross_entropy(logits, mx.where(keep, targets, 0)) * keep
-    ntok = keep.sum()
+COMPILE = True  # the bench turns these off one at a time, to measure what each brings
+LENGTH_GROUPED = True
+HEAD_ON_LABELLED = True
+WINDOW = 16  # batches sorted together: similar lengths, still a fresh mix every epoch
+HEAD_ROWS = 32  # the labelled positions are padded to a multiple of this (fewer compiled shapes)
+WIDTH_STEP = 8  # compiled: rows padded to a multiple of this (one compiled graph per width)
+
+
+@dataclass
+class Arrays:
+    inputs: tuple  # (ids, positions, targets, weights): what loss_fn and the step take
+    tokens: int  # real (non-padding) tokens
+
+
+def arrays(chunk: list, pad_id: int, compiled: bool) -> Arrays:
+    """One right-padded row per example, as wide as the longest (rounded up to WIDTH_STEP when
+    the step is compiled), and the flat positions whose next token is labelled, with targets and
+    weights (0 for the padding of HEAD_ROWS): the LM head runs on those positions only."""
+    longest = max(len(t.input_ids) for t in chunk)
+    width = -(-longest // WIDTH_STEP) * WIDTH_STEP if compiled else longest
+    ids = np.full((len(chunk), width), pad_id, dtype=np.int32)
+    labels = np.full((len(chunk), width), data.IGNORE, dtype=np.int32)
+    for r, t in enumerate(chunk):
+        ids[r, :len(t.input_ids)] = t.input_ids
+        labels[r, 1:len(t.labels)] = t.labels[1:]  # the first token is never predicted
+    targets = labels[:, 1:].reshape(-1)  # position k (of the width - 1 inputs) predicts k + 1
+    positions = np.flatnonzero(targets != data.IGNORE).astype(np.int32)
+    n = len(positions)
+    rows = max(-(-n // HEAD_ROWS) * HEAD_ROWS, HEAD_ROWS)
+    weights = np.zeros(rows, np.float32)
+    weights[:n] = 1
+    positions = np.pad(positions, (0, rows - n))
+    return Arrays((mx.array(ids), mx.array(positions), mx.array(targets[positions]),
+                   mx.array(weights)), sum(len(t.input_ids) for t in chunk))
+
+
+def head(model):
+    """The LM head as mlx-lm's models apply it after model.model (tied or not), or None when
+    that does not give the model's own logits (a model with extras after its head)."""
+    fn = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    probe = mx.array([[1, 2, 3, 4]])
+    same = mx.allclose(fn(model.model(probe)), model(probe), rtol=1e-4, atol=1e-4).item()
+    return fn if same and HEAD_ON_LABELLED else None
+
+
+def loss_fn(model, ids, positions, targets, weights):
+    """Mean cross-entropy over the labelled tokens (the assistant's unless --train-on-prompt),
+    and their count. The LM head, the largest matmul of a small model, runs on the labelled
+    positions only."""
+    if model.labelled_head is None:
+        logits = model(ids[:, :-1])
+        logits = logits.reshape(-1, logits.shape[-1])[positions].astype(mx.float32)
+    else:
+        hidden = model.model(ids[:, :-1])
+        logits = model.labelled_head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)
+    ntok = weights.sum()
+    ce = nn.losses.cross_entropy(logits, targets) * weights
     return ce.sum() / mx.maximum(ntok, 1), ntok
+
+
+def train_step(model, optimizer, compiled: bool = True):
+    """(inputs) -> loss: forward, backward and Adam's update. Compiled as mlx-lm's trainer
+    compiles its step, with the model, optimizer and random state as inputs and outputs (one
+    graph per input shape; its elementwise ops fused)."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(*inputs):
+        (loss, _), grads = loss_and_grad(model, *inputs)
+        optimizer.update(model, grads)
+        return loss
+
+    if not compiled:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
 
 
 # ---------------------------------------------------------------- the PEFT adapter
