@@ -129,3 +129,94 @@ def test_fewer_examples_than_devices_is_refused(tmp_path):
         train.run(opts)
     assert "DEVICES=1" in err.value.fix
     assert not (tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_match_one_process(tiny_model, tmp_path):
+    """NNODES=2: two torchrun launches (one CPU worker each, gloo) meeting at 127.0.0.1, as two
+    machines would, train what one process trains; only node 0 writes."""
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", CHATS[:12])
+    write_jsonl(data / "valid.jsonl", CHATS[9:])
+    single = tmp_path / "one"
+    train.run(config.resolve(config.TrainOptions, flags(tiny_model("llama"), data, single), environ={}))
+
+    multi = tmp_path / "two"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags(tiny_model("llama"), data, multi).items()]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "donkeytune", "train", *args, "--nnodes=2",
+                               f"--node-rank={rank}", "--master-addr=127.0.0.1",
+                               f"--master-port={port}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    for p, (out, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert outs[0][0].count("Iter 6: Train loss") == 1 and "Iter 6" not in outs[1][0]
+    want = load_file(single / "adapters" / "adapter_model.safetensors")
+    got = load_file(multi / "adapters" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-5
+    assert step_losses(multi) == pytest.approx(step_losses(single), rel=1e-5)
+
+
+def test_rendezvous_backend_and_checks(monkeypatch):
+    from donkeytune.train import distributed
+
+    one = config.resolve(config.TrainOptions, {"devices": 2}, environ={})
+    assert distributed.rendezvous(one) == ["--standalone", "--nproc-per-node=2"]
+    env = {"DONKEYTUNE_NNODES": "2", "DONKEYTUNE_NODE_RANK": "1", "DONKEYTUNE_MASTER_ADDR": "10.0.0.5",
+           "DONKEYTUNE_DEVICES": "4", "DONKEYTUNE_BATCH_SIZE": "8"}
+    two = config.resolve(config.TrainOptions, {}, environ=env)
+    assert two.workers == 8
+    assert distributed.rendezvous(two) == ["--nnodes=2", "--node-rank=1", "--nproc-per-node=4",
+                                           "--master-addr=10.0.0.5", "--master-port=29500"]
+    with pytest.raises(ConfigError, match="needs MASTER_ADDR"):
+        config.resolve(config.TrainOptions, {"nnodes": 2}, environ={})
+    with pytest.raises(ConfigError, match="NODE_RANK=2 is not one of"):
+        config.resolve(config.TrainOptions, {"nnodes": 2, "node_rank": 2, "master_addr": "h"}, environ={})
+    with pytest.raises(ConfigError, match="BATCH_SIZE=4 is smaller than DEVICES=4 x NNODES=2"):
+        config.resolve(config.TrainOptions, dict(env_opts(env), batch_size=4), environ={})
+    # GPUs talk NCCL, CPU processes gloo
+    assert distributed.backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.backend() == "nccl"
+
+
+def env_opts(env: dict) -> dict:
+    return {k.removeprefix("DONKEYTUNE_").lower(): v for k, v in env.items()}
+
+
+def test_memory_check_is_per_worker(tiny_model, tmp_path, capsys):
+    """Each worker takes BATCH_SIZE / workers examples; CPU workers on one machine share its RAM."""
+    from donkeytune import data as data_mod
+    from donkeytune import device
+    from donkeytune.train import memory
+
+    tok = device.load_tokenizer(tiny_model("llama"))
+    items = [data_mod.tokenize(tok, c["messages"]) for c in CHATS[:8]]
+    seen = {}
+    real = memory.estimate_training
+
+    def spy(*a, **k):
+        seen.setdefault("tokens", k["tokens"])
+        return real(*a, **k)
+
+    opts = config.resolve(config.TrainOptions, dict(batch_size=4, devices=2, num_layers=2, rank=4,
+                                                    scale=2.0, iters=1, lr=1e-3), environ={})
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(memory, "estimate_training", spy)
+    monkey.setattr(memory, "available", lambda device="cpu": 8e9)
+    try:
+        memory.check_training(opts, tiny_model("llama"), items, "cpu", 4)
+    finally:
+        monkey.undo()
+    assert seen["tokens"] == memory.batch_shape(items, 2)[0]  # two of the four examples
+    said = capsys.readouterr()
+    assert "needed per worker, 4.0 GB available to each of the 2 workers" in said.out + said.err

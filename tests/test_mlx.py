@@ -211,3 +211,109 @@ def test_importing_donkeytune_does_not_import_mlx():
             "assert not [m for m, mod in sys.modules.items() "
             "if mod and m.split('.')[0] in ('mlx', 'mlx_lm')], 'mlx imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_length_batches_are_seeded_resumable_and_similar(mlx):
+    from donkeytune.data import Tokenized
+    from donkeytune.train import mlx as engine
+
+    items = [Tokenized(list(range(n)), list(range(n))) for n in [5, 40, 7, 33, 12, 60, 9, 51] * 8]
+    first = engine.length_batches(items, 4, seed=3)
+    run = [[len(t.input_ids) for t in next(first)] for _ in range(40)]
+    again = engine.length_batches(items, 4, seed=3, start_step=25)
+    assert [[len(t.input_ids) for t in next(again)] for _ in range(15)] == run[25:]
+    epoch = sorted(n for b in run[:16] for n in b)
+    assert epoch == sorted(len(t.input_ids) for t in items)  # every example once an epoch
+    padded = sum(4 * max(b) - sum(b) for b in run[:16])
+    engine.LENGTH_GROUPED = False
+    try:
+        plain = engine.length_batches(items, 4, seed=3)
+        shuffled = [[len(t.input_ids) for t in next(plain)] for _ in range(16)]
+    finally:
+        engine.LENGTH_GROUPED = True
+    assert padded < sum(4 * max(b) - sum(b) for b in shuffled) / 3
+
+
+def test_head_on_labelled_positions_and_compiled_step_equal_the_plain_ones(mlx, tiny_model, data_dir,
+                                                                           tmp_path):
+    """The loss with the LM head on the labelled positions only equals the full-logits loss; one
+    compiled step (with GRAD_CHECKPOINT too) moves the adapter as the plain step does."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from donkeytune import data, device
+    from donkeytune.train import mlx as engine
+
+    model_dir = tiny_model("llama")
+    opts = options(model_dir, data_dir, tmp_path / "out")
+    tok = device.load_tokenizer(model_dir)
+    items = data.tokenize_all(tok, data.load_dir(data_dir).train, 2048, False, "train")[:4]
+    batch = engine.arrays(items, tok.pad_token_id, compiled=True)
+    ids = batch.inputs[0]
+    labels = np.full(ids.shape, data.IGNORE)
+    for r, t in enumerate(items):
+        labels[r, 1:len(t.labels)] = t.labels[1:]
+    results = []
+    for compiled, checkpoint in ((False, False), (True, False), (True, True)):
+        mx.random.seed(0)
+        model = engine.lora_model(model_dir, opts)
+        model.load_weights([(k, mx.random.normal(v.shape) * 0.1)
+                            for k, v in tree_flatten(model.trainable_parameters())], strict=False)
+        if not results:
+            logits = model(ids[:, :-1]).astype(mx.float32)
+            keep = mx.array(labels[:, 1:] != data.IGNORE)
+            ce = nn.losses.cross_entropy(logits, mx.where(keep, mx.array(labels[:, 1:]), 0)) * keep
+            want = (ce.sum() / keep.sum()).item()
+            assert engine.loss_fn(model, *batch.inputs)[0].item() == pytest.approx(want, rel=1e-5)
+        optimizer = optim.Adam(learning_rate=1e-2, bias_correction=True)
+        optimizer.init(model.trainable_parameters())
+        model.train()
+        with engine.checkpointed(model, checkpoint):
+            loss = engine.train_step(model, optimizer, compiled=compiled)(*batch.inputs)
+            mx.eval(loss, model.trainable_parameters())
+        results.append((loss.item(), dict(tree_flatten(model.trainable_parameters()))))
+    (loss0, w0), *others = results
+    for loss, w in others:
+        assert loss == pytest.approx(loss0, rel=1e-5)
+        assert max(np.abs(np.array(w[k]) - np.array(w0[k])).max() for k in w0) < 1e-5
+
+
+def test_qlora_trains_and_fuses_into_the_full_precision_base(mlx, tiny_model, data_dir, tmp_path):
+    """QUANTIZE_BASE=4: the base trains 4-bit, the loss falls, and fuse merges the adapter into
+    the original float weights: the fused model's logits are base + adapter at full precision."""
+    import dataclasses
+
+    from donkeytune.train import mlx as engine
+
+    model_dir = tiny_model("llama")
+    opts = options(model_dir, data_dir, tmp_path / "out", iters=8, steps_per_eval=8, save_every=100,
+                   quantize_base=4)
+    train.run(opts)
+    losses = metrics(opts, "val_loss")
+    assert losses[8] < 0.9 * losses[0]
+    quantized = engine.lora_model(model_dir, opts)
+    assert "scales" in dict(tree_flatten_names(quantized.layers[0].self_attn.q_proj.parameters()))
+    full = dataclasses.replace(opts, quantize_base=None)
+    want = mlx_logits(model_dir, opts.adapter_dir, full)[0]
+    fused = fuse.run(config.resolve(config.FuseOptions, {"output_dir": opts.output_dir}, environ={}))
+    got = fused_logits(fused)[0]
+    assert np.abs(got - want).max() <= LOGITS_ATOL
+    on_4bit = mlx_logits(model_dir, opts.adapter_dir, opts)[0]
+    assert np.abs(on_4bit - want).max() > 10 * LOGITS_ATOL  # the 4-bit copy is another model
+
+
+def tree_flatten_names(params):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(params)
+
+
+def fused_logits(fused_dir) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fused_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(PROBE)).logits.numpy()

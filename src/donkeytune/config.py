@@ -196,22 +196,46 @@ class TrainOptions(ModelOptions):
                       env="FORCE")
     devices: int = opt(1, "training processes: N GPUs (or N CPU processes, gloo) launched with "
                        "torchrun; BATCH_SIZE stays the examples per optimizer step", env="DEVICES")
+    nnodes: int = opt(1, "machines taking part (torchrun --nnodes): run the same command on each, "
+                      "with its NODE_RANK and the same MASTER_ADDR / MASTER_PORT; DEVICES workers "
+                      "on each", env="NNODES")
+    node_rank: int = opt(0, "this machine's number among the NNODES (0 = the one at MASTER_ADDR, "
+                         "which writes the files)", env="NODE_RANK")
+    master_addr: str | None = opt(None, "with NNODES > 1: the address of machine 0, reachable "
+                                  "from every machine", env="MASTER_ADDR")
+    master_port: int = opt(29500, "with NNODES > 1: a free TCP port on machine 0", env="MASTER_PORT")
     fsdp: bool = opt(False, "with DEVICES > 1: split the frozen base weights of every block across "
                      "the workers (FSDP), for a model that does not fit on one device; the LoRA "
                      "weights stay whole on each", env="FSDP")
+    quantize_base: int | None = opt(None, "QLoRA: train on a 4- or 8-bit copy of the frozen base "
+                                    "(MLX: mlx-lm's quantized layers; CUDA: bitsandbytes), about "
+                                    "1/4 or 1/2 of its memory; fuse merges into the original "
+                                    "full-precision weights", env="QUANTIZE_BASE", choices=(4, 8))
+    grad_checkpoint: bool = opt(False, "MLX engine: recompute each adapted block's activations "
+                                "in the backward pass (less memory for long examples, slower)",
+                                env="GRAD_CHECKPOINT")
     report_to: str | None = opt(None, "also log the metrics to tensorboard or wandb (their own "
                                 "packages)", env="REPORT_TO", choices=("tensorboard", "wandb"))
 
     def __post_init__(self):
         _check(self.iters is None or self.iters > 0, f"ITERS must be positive, got {self.iters}")
         _check(self.devices >= 1, f"DEVICES must be at least 1, got {self.devices}")
-        _check(self.devices == 1 or self.engine != "mlx", "the MLX engine trains on one device",
-               "drop DEVICES, or use ENGINE=torch")
-        _check(not self.fsdp or self.devices > 1, "FSDP splits the model across several workers",
+        _check(self.nnodes >= 1, f"NNODES must be at least 1, got {self.nnodes}")
+        _check(0 <= self.node_rank < self.nnodes, f"NODE_RANK={self.node_rank} is not one of the "
+               f"NNODES={self.nnodes} machines", f"use NODE_RANK=0 to {self.nnodes - 1}")
+        _check(self.nnodes == 1 or self.master_addr, f"NNODES={self.nnodes} needs MASTER_ADDR, the "
+               "address of machine 0", "add MASTER_ADDR=<machine 0's address> (and MASTER_PORT=)")
+        _check(self.workers == 1 or self.engine != "mlx", "the MLX engine trains on one device",
+               "drop DEVICES and NNODES, or use ENGINE=torch")
+        _check(not self.fsdp or self.workers > 1, "FSDP splits the model across several workers",
                "add DEVICES=2 (or more), or drop FSDP")
-        _check(self.batch_size is None or self.batch_size >= self.devices,
-               f"BATCH_SIZE={self.batch_size} is smaller than DEVICES={self.devices}: some workers "
-               "would get no example", f"set BATCH_SIZE to at least {self.devices}")
+        _check(self.batch_size is None or self.batch_size >= self.workers,
+               f"BATCH_SIZE={self.batch_size} is smaller than DEVICES={self.devices}"
+               + (f" x NNODES={self.nnodes}" if self.nnodes > 1 else "") + ": some workers "
+               "would get no example", f"set BATCH_SIZE to at least {self.workers}")
+        _check(self.quantize_base in (None, 4, 8), f"QUANTIZE_BASE must be 4 or 8, got {self.quantize_base}")
+        _check(not (self.quantize_base and self.fsdp), "QUANTIZE_BASE and FSDP both shrink the base's "
+               "memory, and do not combine here", "drop one of them")
         _check(self.batch_size is None or self.batch_size > 0,
                f"BATCH_SIZE must be positive, got {self.batch_size}")
         _check(self.num_layers is None or self.num_layers == -1 or self.num_layers > 0,
@@ -244,6 +268,11 @@ class TrainOptions(ModelOptions):
                    MLX_INSTALL)
             _check(self.device in ("auto", "cpu"), f"DEVICE={self.device} is a torch device; the MLX "
                    "engine runs on Apple's GPU (auto) or the CPU", "leave DEVICE unset, or use ENGINE=torch")
+
+    @property
+    def workers(self) -> int:
+        """Training processes in all: DEVICES on each of the NNODES machines."""
+        return self.devices * self.nnodes
 
     @property
     def lora_alpha(self) -> float:

@@ -66,12 +66,24 @@ def set_threads(workers: int = 1) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
 
 
-def load_model(folder: Path, device: str, dtype, *, trust_remote_code: bool = False):
+def load_model(folder: Path, device: str, dtype, *, trust_remote_code: bool = False,
+               quantize_bits: int | None = None):
+    """The HF model on `device`; with quantize_bits (QLoRA on CUDA), its linear layers in 4-bit
+    NF4 or 8-bit through bitsandbytes, computing in `dtype`."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
     from transformers.utils import logging  # noqa: PLC0415
 
     if not sys.stderr.isatty():
         logging.disable_progress_bar()  # per-tensor bars flood logs
+    if quantize_bits:
+        from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True) \
+            if quantize_bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
+                                                    device_map={"": device},
+                                                    trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
     return model.to(device)

@@ -27,7 +27,7 @@ def run(opts: TrainOptions) -> Path:
     device.bound_kernel_caches()  # before the first matmul (the CLI has done it already)
     opts, dataset, checkpoint, resume = _checked(opts)
     group = distributed.worker()  # None unless this process is one of several torchrun workers
-    if opts.devices > 1 and group is None:
+    if opts.workers > 1 and group is None:
         status = distributed.launch(opts)
         if status:
             raise DonkeyError(f"the {opts.devices} training workers stopped with status {status}")
@@ -58,9 +58,11 @@ def _checked(opts: TrainOptions):
         checkpoint = latest_checkpoint(opts.adapter_dir)
         opts = _recorded_options(checkpoint, opts)  # its DATA_DIR, ITERS, LR, ...
     dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
-    if len(dataset.train) < opts.devices:
-        raise ConfigError(f"{len(dataset.train)} training examples for DEVICES={opts.devices}: some "
-                          "workers would get none", f"use DEVICES={max(len(dataset.train), 1)} or fewer")
+    if len(dataset.train) < opts.workers:
+        nodes = f" x NNODES={opts.nnodes}" if opts.nnodes > 1 else ""
+        raise ConfigError(f"{len(dataset.train)} training examples for DEVICES={opts.devices}{nodes}: "
+                          "some workers would get none",
+                          f"use DEVICES={max(len(dataset.train) // opts.nnodes, 1)} or fewer")
     resume = _resume_source(opts)
     _check_output_dir(opts, resume or checkpoint)
     opts = dataclasses.replace(opts, engine=engines.pick(opts.engine, checkpoint))  # torch or mlx

@@ -49,6 +49,13 @@ class Group:
         dist.barrier()
 
 
+def backend() -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    import torch  # noqa: PLC0415
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def worker() -> Group | None:
     """The process group when this process is one of several torchrun workers."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,22 +65,32 @@ def worker() -> Group | None:
     import torch.distributed as dist  # noqa: PLC0415
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     return Group(dist.get_rank(), world, local)
 
 
+def rendezvous(opts) -> list[str]:
+    """torchrun's arguments: one machine (--standalone), or machine NODE_RANK of NNODES meeting
+    at MASTER_ADDR:MASTER_PORT (static rendezvous: machine k runs workers k*DEVICES and up)."""
+    if opts.nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={opts.devices}"]
+    return [f"--nnodes={opts.nnodes}", f"--node-rank={opts.node_rank}",
+            f"--nproc-per-node={opts.devices}", f"--master-addr={opts.master_addr}",
+            f"--master-port={opts.master_port}"]
+
+
 def launch(opts) -> int:
-    """Run `train` with these options on opts.devices workers; returns their exit status."""
+    """Run `train` with these options on this machine's opts.devices workers; returns their exit status."""
     import yaml  # noqa: PLC0415
 
     values = {k: v for k, v in dataclasses.asdict(opts).items() if v is not None}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="donkeytune-", delete=False) as f:
         yaml.safe_dump(values, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={opts.devices}", "-m", "donkeytune", "train", "--config", f.name]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous(opts),
+           "-m", "donkeytune", "train", "--config", f.name]
     try:
         return subprocess.call(cmd)  # workers see WORLD_SIZE and do not launch again
     finally:

@@ -68,16 +68,22 @@ class Estimate:
         return f"{self.total / GB:.2f} GB ({parts})"
 
 
+QUANT_GROUP_BYTES = 4 / 64  # a quantized weight's share of its group's fp16 scale and bias
+
+
 def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, num_layers: int,
                       rank: int, dtype_bytes: int = 2, dropout: bool = True, cached_tokens: int = 0,
-                      baseline: float = BASELINE, shards: int = 1, packed: bool = False) -> Estimate:
+                      baseline: float = BASELINE, shards: int = 1, packed: bool = False,
+                      quant_bits: int | None = None) -> Estimate:
     """Peak memory of a LoRA training step on `tokens` (packed) tokens, from the model's config.
 
     - weights: every parameter in the compute dtype (frozen; no gradient, no optimizer state);
       with FSDP over `shards` workers, each holds 1/shards of the block linears (plus one
       block gathered at a time); with `packed` weights (loralinear.py, bf16 on CPU), the
       adapted blocks' linears are held twice (W and W^T, each in oneDNN's layout), and the LM
-      head once more (W and W^T packed, its plain pages handed back to the file);
+      head once more (W and W^T packed, its plain pages handed back to the file); with
+      `quant_bits` (QUANTIZE_BASE, QLoRA) the block linears take bits/8 bytes a weight plus a
+      scale and a bias per group of 64 (mlx-lm's layout; bitsandbytes' NF4 is as large);
     - LoRA: rank x (in + out) per adapted linear, fp32, x4 for weight, gradient and Adam's two moments;
     - activations, kept for the backward pass in the adapted blocks only (frozen blocks below keep
       nothing, and frozen linears keep no input): per token and block, ACT_HIDDEN x hidden +
@@ -103,10 +109,12 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
     block = (ACT_HIDDEN * hidden + ACT_INTER * inter) * dtype_bytes / 2
     if not dropout:
         block -= 6 * hidden + inter  # no dropout masks (1 byte per LoRA input)
+    block_bytes = quant_bits / 8 + QUANT_GROUP_BYTES if quant_bits else dtype_bytes
     return Estimate(
         baseline=baseline,
-        weights=(n_params - blocks + blocks / shards + blocks / n_blocks * (shards > 1)
-                 + (blocks / n_blocks * layers + cfg["vocab_size"] * hidden) * packed) * dtype_bytes,
+        weights=(n_params - blocks) * dtype_bytes
+        + (blocks / shards + blocks / n_blocks * (shards > 1)) * block_bytes
+        + (blocks / n_blocks * layers + cfg["vocab_size"] * hidden) * packed * dtype_bytes,
         lora=lora_params * 16,
         activations=tokens * layers * block + min(cached_tokens * hidden * dtype_bytes, GB),
         logits=min(labelled, CHUNK) * min(cfg["vocab_size"], BLOCK) * 12,
@@ -166,24 +174,32 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
     n_params = count_params(folder)
-    limit = available(device) if limit is None else limit
+    if limit is None:
+        limit = available(device)
+        if device == "cpu" and opts.devices > 1:  # the workers on this machine share its RAM
+            limit /= opts.devices
     baseline = BASELINE if device == "cpu" else 0.5 * GB
 
+    workers = opts.workers
+
     def estimate(o):
-        tokens, labelled = batch_shape(train_set, o.batch_size)
+        tokens, labelled = batch_shape(train_set, -(-o.batch_size // workers))  # a worker's share
         if o.max_seq_length < max((len(t.input_ids) for t in train_set), default=0):
             tokens = min(tokens, o.batch_size * o.max_seq_length)
         return estimate_training(cfg, n_params, tokens=tokens, labelled=labelled,
                                  num_layers=o.num_layers, rank=o.rank, dtype_bytes=dtype_bytes,
                                  dropout=o.dropout > 0, baseline=baseline,
                                  cached_tokens=0 if o.fsdp else cached,  # FSDP runs keep no prefix
-                                 shards=o.devices if o.fsdp else 1,
-                                 packed=packed and not o.fsdp)
+                                 shards=o.workers if o.fsdp else 1,
+                                 packed=packed and not o.fsdp and not o.quantize_base,
+                                 quant_bits=o.quantize_base)
 
     cached = sum(len(t.input_ids) for t in train_set)
     need = estimate(opts)
+    each = " per worker" if workers > 1 else ""
     if need.total <= limit:
-        say(f"Memory: about {need.total / GB:.1f} GB needed, {limit / GB:.1f} GB available")
+        say(f"Memory: about {need.total / GB:.1f} GB needed{each}, {limit / GB:.1f} GB available"
+            + (f" to each of the {workers} workers" if workers > 1 else ""))
         return opts
     n_blocks = cfg.get("text_config", cfg)["num_hidden_layers"]
     fitting = _shrink(opts, lambda o: estimate(o).total <= limit, n_blocks)
@@ -194,7 +210,7 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
     where = {"cpu": "RAM", "mps": "unified memory"}.get(device, f"{device} memory")
     fix = (f"use {_settings(fitting)} (about {estimate(fitting).total / GB:.1f} GB)"
            if fitting is not None else "use a smaller model (donkeytune models shows what fits)")
-    raise OutOfMemory(f"this run needs about {need.describe()}, but only {limit / GB:.1f} GB of "
+    raise OutOfMemory(f"this run needs about {need.describe()}{each}, but only {limit / GB:.1f} GB of "
                       f"{where} is available", fix + "; close other programs to free memory")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -57,7 +58,8 @@ def run(job: Job) -> Path:
     if job.resume:
         load_adapter_weights(model, job.resume)
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    say(f"MLX engine ({mx.default_device()}): {n_params:,} trainable LoRA parameters")
+    say(f"MLX engine ({mx.default_device()}): {n_params:,} trainable LoRA parameters"
+        + (f", the base quantized to {opts.quantize_base} bits (QLoRA)" if opts.quantize_base else ""))
     optimizer = optim.Adam(learning_rate=opts.lr, bias_correction=True)  # = torch AdamW, no decay
     optimizer.init(model.trainable_parameters())
     start = restore_checkpoint(job.checkpoint, model, optimizer) if job.checkpoint else 0
@@ -99,7 +101,8 @@ def run(job: Job) -> Path:
         prune_checkpoints(opts.adapter_dir, opts.keep)
 
     reporter = Reporter(opts.iters, "mlx", metrics_file(opts), start)
-    loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
+    with checkpointed(model, opts.grad_checkpoint):
+        loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
     return opts.adapter_dir
 
 
@@ -112,6 +115,10 @@ def lora_model(folder: Path, opts: TrainOptions):
                           trust_remote_code=opts.trust_remote_code)
     if opts.dtype != "auto":  # auto: as stored
         model.set_dtype(getattr(mx, opts.dtype))
+    if opts.quantize_base:  # QLoRA: the frozen base in 4 or 8 bits; the adapter stays float
+        nn.quantize(model, group_size=QUANT_GROUP, bits=opts.quantize_base,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % QUANT_GROUP == 0)
     model.freeze()
     n_blocks = len(model.layers)
     n = n_blocks if opts.num_layers == -1 else opts.num_layers
@@ -122,6 +129,33 @@ def lora_model(folder: Path, opts: TrainOptions):
                                          keys=block_linear_keys(model)))
     model.labelled_head = head(model)  # a plain attribute, not a parameter
     return model
+
+
+QUANT_GROUP = 64  # weights per scale and bias of a quantized row (mlx-lm's default)
+
+
+@contextmanager
+def checkpointed(model, enabled: bool):
+    """GRAD_CHECKPOINT: the blocks recompute their activations in the backward pass instead of
+    keeping them (mlx-lm's grad_checkpoint, undone afterwards: it patches the block class)."""
+    if not enabled:
+        yield
+        return
+    cls = type(model.layers[-1])
+    call = cls.__call__
+
+    def recomputed(block, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            block.update(params)
+            return call(block, *args, **kwargs)
+
+        return mx.checkpoint(inner)(block.trainable_parameters(), *args, **kwargs)
+
+    cls.__call__ = recomputed
+    try:
+        yield
+    finally:
+        cls.__call__ = call
 
 
 def mlx_config(folder: Path) -> dict:

@@ -84,7 +84,8 @@ def choose(opts: TrainOptions, model_config: dict, n_examples: int, mem_bytes: f
             values.update(known[0])
             reasons.update(dict.fromkeys(known[0], known[1]))
     else:
-        values, reasons = _auto(model_config, n_examples, mem_bytes, params, given, seed_settings(opts))
+        values, reasons = _auto(model_config, n_examples, mem_bytes, params, given, seed_settings(opts),
+                                opts.quantize_base)  # QLoRA: a smaller base
     for f, v in given.items():
         values[f] = v
         reasons[f] = YOU
@@ -95,7 +96,7 @@ def choose(opts: TrainOptions, model_config: dict, n_examples: int, mem_bytes: f
 
 
 def _auto(cfg: dict, n_examples: int, mem_bytes: float, params: int | None, given: dict,
-          known: tuple[dict, str] | None = None):
+          known: tuple[dict, str] | None = None, quant_bits: int | None = None):
     from . import memory  # noqa: PLC0415
 
     text = cfg.get("text_config", cfg)
@@ -114,7 +115,7 @@ def _auto(cfg: dict, n_examples: int, mem_bytes: float, params: int | None, give
     def need(v):
         return memory.estimate_training(cfg, n_params, tokens=v["batch_size"] * 512,
                                         labelled=v["batch_size"] * 128, num_layers=v["num_layers"],
-                                        rank=v["rank"]).total
+                                        rank=v["rank"], quant_bits=quant_bits).total
     for f in ("batch_size", "num_layers"):
         while f not in given and values[f] > 1 and need(values) > mem_bytes:
             values[f] //= 2

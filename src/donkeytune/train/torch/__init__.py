@@ -25,9 +25,29 @@ def setup(opts: TrainOptions, group=None) -> Setup:
     device.set_threads(group.world if group else 1)
     dev = device.pick_device(opts.device)
     dtype = device.pick_dtype(opts.dtype, dev)
+    if opts.grad_checkpoint:
+        raise ConfigError("GRAD_CHECKPOINT is an option of the MLX engine",
+                          "drop it, or train with ENGINE=mlx")
+    if opts.quantize_base:
+        check_qlora(dev)
     if group and dev == "cuda":
         dev = f"cuda:{group.local_rank}"
-    return Setup(dev, dtype.itemsize, packed=can_pack(dtype, dev), dtype=dtype)
+    return Setup(dev, dtype.itemsize, packed=can_pack(dtype, dev) and not opts.quantize_base,
+                 dtype=dtype)
+
+
+def check_qlora(dev: str) -> None:
+    """QUANTIZE_BASE on torch: bitsandbytes' 4/8-bit layers, which need a CUDA GPU."""
+    import importlib.util  # noqa: PLC0415
+
+    if dev != "cuda":
+        raise ConfigError(f"QUANTIZE_BASE on the torch engine needs a CUDA GPU (bitsandbytes); this "
+                          f"run is on {dev}",
+                          "on a Mac use ENGINE=mlx (mlx-lm's quantized layers); elsewhere drop "
+                          "QUANTIZE_BASE")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("QUANTIZE_BASE on CUDA needs the bitsandbytes package, which is not "
+                          "installed", "pip install 'donkeytune[qlora]'  (or: pip install bitsandbytes)")
 
 
 def run(job: Job):
@@ -39,7 +59,7 @@ def run(job: Job):
     opts, group, dev = job.opts, job.group, job.setup.device
     torch.manual_seed(opts.seed)
     base = device.load_model(job.folder, "cpu" if opts.fsdp else dev, job.setup.dtype,
-                             trust_remote_code=opts.trust_remote_code)
+                             trust_remote_code=opts.trust_remote_code, quantize_bits=opts.quantize_base)
     model = add_lora(base, opts)
     if job.resume:
         load_adapter_weights(model, job.resume)
