@@ -34,7 +34,7 @@ help:
 	@echo ""
 	@echo "  make demo          set up, then train + convert + test on the built-in model and examples/facts (offline)"
 	@echo "  make check         run the test suite (check-slow: the real-model tests)"
-	@echo "  make bench         training speed against TRL + PEFT, same data and LoRA (CASES=a,b,c,d)"
+	@echo "  make bench         training speed against TRL + PEFT, same data and LoRA (CASES=a,b,c,d); ENGINE=mlx: against mlx-lm"
 	@echo "  make setup         create $(VENV) and install DonkeyTune"
 	@echo ""
 	@echo "  make train         fine-tune: MODEL= ITERS= BATCH_SIZE= NUM_LAYERS= LR= RANK= DATA_DIR= CONFIG="
@@ -96,7 +96,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	@touch $@
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/python bench/bench.py $(if $(CASES),--cases $(CASES))
+	$(if $(filter mlx,$(ENGINE)),$(BIN)/python bench/bench_mlx.py,$(BIN)/python bench/bench.py $(if $(CASES),--cases $(CASES)))
 
 demo: setup
 	$(DT) train --config examples/facts/demo.yaml
