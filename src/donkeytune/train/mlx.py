@@ -249,8 +249,10 @@ def head(model):
     """The LM head as mlx-lm's models apply it after model.model (tied or not), or None when
     that does not give the model's own logits (a model with extras after its head)."""
     fn = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
-    probe = mx.array([[1, 2, 3, 4]])
+    probe, training = mx.array([[1, 2, 3, 4]]), model.training
+    model.eval()  # no dropout in the comparison
     same = mx.allclose(fn(model.model(probe)), model(probe), rtol=1e-4, atol=1e-4).item()
+    model.train(training)
     return fn if same and HEAD_ON_LABELLED else None
 
 
