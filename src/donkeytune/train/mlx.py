@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import data
 from ..config import TrainOptions
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_FILE, MLX_STATE_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE
 from ..progress import say
 from .adapter import prune_checkpoints, save_adapter
 from .engines import MLX_INSTALL, apple_silicon
@@ -290,16 +290,19 @@ def train_step(model, optimizer, compiled: bool = True):
 
 # ---------------------------------------------------------------- the PEFT adapter
 
-def peft_config(model, opts: TrainOptions, folder: Path):
-    """The LoraConfig PEFT would have written for the same layers."""
-    from peft import LoraConfig  # noqa: PLC0415
-
+def peft_config(model, opts: TrainOptions, folder: Path) -> dict:
+    """The adapter_config.json PEFT would have written for the same layers (PEFT fills the
+    fields left out with its defaults). Written without importing PEFT, which would import
+    torch: seconds of start-up an MLX run has no use for."""
     n_blocks = len(model.layers)
     n = n_blocks if opts.num_layers == -1 else opts.num_layers
-    return LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
-                      target_modules=sorted({k.rsplit(".", 1)[-1] for k in block_linear_keys(model)}),
-                      layers_to_transform=list(range(n_blocks - n, n_blocks)), task_type="CAUSAL_LM",
-                      base_model_name_or_path=str(folder), inference_mode=True)
+    return dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(folder),
+                inference_mode=True, r=opts.rank, lora_alpha=opts.lora_alpha,
+                lora_dropout=opts.dropout, bias="none", fan_in_fan_out=False, use_rslora=False,
+                use_dora=False, init_lora_weights=True, modules_to_save=None, layers_pattern=None,
+                target_modules=sorted({k.rsplit(".", 1)[-1] for k in block_linear_keys(model)}),
+                layers_to_transform=list(range(n_blocks - n, n_blocks)), rank_pattern={},
+                alpha_pattern={})
 
 
 def to_peft(model) -> dict:
@@ -317,14 +320,14 @@ class PeftAdapter:
     """What adapter.save_adapter asks of a model: save_pretrained writing PEFT's two files."""
 
     model: object
-    config: object  # peft.LoraConfig
+    config: dict  # adapter_config.json
 
     def save_pretrained(self, folder: Path) -> None:
         from safetensors.numpy import save_file  # noqa: PLC0415
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file(to_peft(self.model), folder / ADAPTER_FILE, metadata={"format": "pt"})
-        self.config.save_pretrained(folder)
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
 
 
 def load_adapter_weights(model, source: Path) -> None:
