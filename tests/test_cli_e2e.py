@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import write_jsonl
+from donkeytune import runinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,25 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
         assert text in p.stdout, text
 
     p = run("export-adapter", str(out / "adapters"), str(tmp_path / "lora.gguf"))
+    assert p.returncode == 0, p.stderr
+
+    # each GGUF records the adapter and base it came from
+    record = json.loads((gguf_dir / "donkeytune.json").read_text())
+    assert set(record["files"]) == {f"{name}-finetuned-f16.gguf", f"{name}-finetuned-Q8_0.gguf"}
+    assert record["files"][f"{name}-finetuned-Q8_0.gguf"]["adapter_fingerprint"] == \
+        runinfo.adapter_fingerprint(adapters)
+    # trained again (the adapter changed): test and chat refuse the old GGUF and say the fix
+    from safetensors.torch import load_file, save_file
+    weights = load_file(adapters / "adapter_model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, adapters / "adapter_model.safetensors")
+    for command in ("test", "chat"):
+        p = run(command, "--output-dir", str(out), "--max-tokens", "2")
+        assert p.returncode != 0 and "converted from an earlier adapter" in p.stderr, p.stderr
+        assert "make convert" in p.stderr
+    # convert redoes the stale conversion (fuse included), then test runs it
+    p = run("convert", "--output-dir", str(out), env={"DONKEYTUNE_QUANTIZE": "Q8_0"})
+    assert p.returncode == 0 and "Fusing" in p.stderr, p.stderr
+    p = run("test", "--output-dir", str(out), "--max-tokens", "2", "--num-prompts", "1", "--no-base")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "lora.gguf").stat().st_size > 0
 

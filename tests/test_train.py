@@ -122,6 +122,30 @@ def test_fused_logits_equal_base_plus_adapter(tiny_model, data_dir, tmp_path):
         p.name for p in fused.iterdir()}
 
 
+def test_fused_in_the_base_dtype_gives_the_same_gguf_logits(tiny_model, data_dir, tmp_path):
+    """A bf16 base is fused (in fp32) and written in bf16: half the disk, same GGUF logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from donkeytune import gguf
+    from test_gguf import assert_close, cpp_logits, prompt_ids
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model("llama")).save_pretrained(base)
+    opts = trained_model_and_logits(base, data_dir, tmp_path / "out")
+    logits, sizes = {}, {}
+    for dtype in ("auto", "float32"):
+        fused = fuse.run(config.resolve(config.FuseOptions, {"output_dir": opts.output_dir,
+                                                             "dtype": dtype}, environ={}))
+        sizes[dtype] = (fused / "model.safetensors").stat().st_size
+        assert json.loads((fused / "donkeytune.json").read_text())["dtype"] == \
+            ("bfloat16" if dtype == "auto" else "float32")
+        out = gguf.export(fused, tmp_path / f"{dtype}.gguf", "f16")
+        logits[dtype] = cpp_logits(out, prompt_ids(fused))
+    assert sizes["auto"] < 0.6 * sizes["float32"]
+    assert_close(logits["auto"], logits["float32"], rel=2e-2)
+
+
 def test_model_that_is_not_the_adapters_base_is_refused(tiny_model, data_dir, tmp_path, capsys):
     opts = trained_model_and_logits(tiny_model("llama"), data_dir, tmp_path / "out")
     other = tiny_model("qwen2")

@@ -281,8 +281,9 @@ class TrainOptions(ModelOptions):
 
 @dataclass
 class FuseOptions(ModelOptions):
-    dtype: str = opt("float32", "dtype of the fused weights (merged in float32 either way)",
-                     env="FUSE_DTYPE", choices=("float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "dtype of the fused weights, merged in float32 either way: auto (the "
+                     "base model's, bf16 for most: half the disk of float32), float32, bfloat16 "
+                     "or float16", env="FUSE_DTYPE", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -21,7 +21,8 @@ def run(opts: FuseOptions) -> Path:
     base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
                                      allow_pickle=opts.allow_pickle)
     out = opts.fused_dir
-    memory.check_model_write(base_dir, out.parent, [opts.dtype], "the fused model")
+    dtype = opts.dtype if opts.dtype != "auto" else base_dtype(base_dir)
+    memory.check_model_write(base_dir, out.parent, [dtype], "the fused model")
     with status(f"Fusing {opts.adapter_dir} into {run_info['base_model']}"):
         # Merge in float32: a small LoRA delta added to bf16 weights would be rounded away.
         base = device.load_model(base_dir, "cpu", torch.float32,
@@ -33,7 +34,7 @@ def run(opts: FuseOptions) -> Path:
             raise ModelError(f"fusing {opts.adapter_dir} changed no weight: the adapter is empty "
                              "(all-zero lora_B) or was not applied",
                              "train for more iterations, or check RESUME_FROM")
-        model.to(getattr(torch, opts.dtype))
+        model.to(getattr(torch, dtype))
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
@@ -46,10 +47,24 @@ def run(opts: FuseOptions) -> Path:
             "fuse", opts, base_model=run_info["base_model"], base_model_path=str(base_dir),
             base_fingerprint=run_info["base_fingerprint"], adapter=str(opts.adapter_dir),
             adapter_fingerprint=runinfo.file_fingerprint(opts.adapter_dir / "adapter_model.safetensors"),
-            changed_tensors=changed, system_prompt=run_info.get("system_prompt"),
+            dtype=dtype, changed_tensors=changed, system_prompt=run_info.get("system_prompt"),
             data_dir=run_info.get("data_dir")))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    say(f"Fused model written to {out}/ ({changed} weight tensors changed)")
+    say(f"Fused model written to {out}/ ({dtype}, {changed} weight tensors changed)")
     return out
+
+
+def base_dtype(folder: Path) -> str:
+    """The dtype the base model's weights are stored in (its config says), float32 if unknown."""
+    cfg = _config(folder)
+    cfg = {**cfg, **(cfg.get("text_config") or {})}
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _config(folder: Path) -> dict:
+    import json  # noqa: PLC0415
+
+    return json.loads((Path(folder) / "config.json").read_text())

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import ModelError
-from .files import RUN_FILE  # noqa: F401 - runinfo.RUN_FILE, as the stages use it
+from .files import ADAPTER_FILE, RUN_FILE  # noqa: F401 - runinfo.RUN_FILE, as the stages use it
 
 
 
@@ -91,3 +91,32 @@ def base_model_of(run: dict, model: str | None, *, trust_remote_code: bool = Fal
             f"the adapter was trained on {trained_on!r}, but MODEL is {model!r}, a different model",
             f"leave MODEL unset to use {trained_on!r}, or train a new adapter for {model!r}")
     return folder
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str | None:
+    return file_fingerprint(Path(adapter_dir) / ADAPTER_FILE)
+
+
+def check_gguf_current(path: Path, output_dir: str | Path) -> None:
+    """A GGUF that `convert` wrote into OUTPUT_DIR/gguf must come from the adapter there now:
+    after a new training it is stale, and running it would test the old model."""
+    gguf_dir = Path(output_dir) / "gguf"
+    adapter = Path(output_dir) / "adapters" / ADAPTER_FILE
+    meta_file = gguf_dir / RUN_FILE
+    if not (adapter.is_file() and meta_file.is_file() and Path(path).is_file()
+            and Path(path).resolve().parent == gguf_dir.resolve()):
+        return  # no run here, or a GGUF of the user's own
+    meta = json.loads(meta_file.read_text())
+    record = meta.get("files", {}).get(Path(path).name)
+    if record is None and meta.get("files"):
+        return  # not one of convert's files
+    made_from = (record or {}).get("adapter_fingerprint")
+    if made_from is not None:
+        stale = made_from != adapter_fingerprint(adapter.parent)
+    else:  # converted before GGUFs recorded their adapter: the adapter is newer than the file
+        stale = adapter.stat().st_mtime > Path(path).stat().st_mtime
+    if stale:
+        raise ModelError(f"{path} was converted from an earlier adapter: {adapter.parent} has been "
+                         "trained again since, so it is not the fine-tuned model any more",
+                         "convert the new adapter: make convert (donkeytune convert), "
+                         "or pass GGUF= to run another file")

@@ -445,6 +445,8 @@ def merge(opts: DataMergeOptions) -> list[Path]:
     def origin(where: str) -> str:  # through earlier merges, back to the first file
         return origins.get(where, where)
 
+    if not opts.force:
+        backup_data(Path(opts.out))  # the seed's Method A merges into a filled ./data
     paths = write_dataset(Path(opts.out), train, valid, force=opts.force,
                           reading=[p for d, _ in inputs for p in _sources(d)],
                           provenance={"made_by": f"donkeytune {__version__} data merge",
@@ -513,6 +515,27 @@ def write_dataset(out: Path, train: list[Example], valid: list[Example], *, forc
     for stale in set(targets) - set(paths):  # a train.json or an old valid.jsonl would shadow these
         stale.unlink(missing_ok=True)
     return paths
+
+
+def backup_data(folder: Path) -> Path | None:
+    """Move the data files of a folder no merge wrote into a dated folder inside it; say where."""
+    import time  # noqa: PLC0415
+
+    files = [folder / f"{s}{ext}" for s in SPLITS for ext in (".jsonl", ".json")]
+    files = [f for f in files if f.is_file()]
+    if not files or (folder / PROVENANCE).is_file():  # empty, or a merge's output: replaced
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = folder / f"backup-{stamp}", 1
+    while backup.exists():
+        n += 1
+        backup = folder / f"backup-{stamp}-{n}"
+    backup.mkdir()
+    for f in files:
+        f.rename(backup / f.name)
+    say(f"{folder} held data: moved {', '.join(f.name for f in files)} to {backup}/ (nothing is "
+        "lost; FORCE=1 replaces without a backup)")
+    return backup
 
 
 def _refuse_overwrite(targets: list[Path], force: bool, reading: list[Path]) -> None:

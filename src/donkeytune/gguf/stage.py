@@ -50,9 +50,12 @@ def run(opts: ConvertOptions) -> Path:
     with status(f"Quantizing to {opts.quantize} with llama.cpp"):
         quantize.quantize(full, quant, opts.quantize)
     timings.append((quant, time.perf_counter() - t))
+    made_from = dict(adapter_fingerprint=runinfo.adapter_fingerprint(opts.adapter_dir),
+                     base_fingerprint=run_info["base_fingerprint"])
     runinfo.write_json(opts.gguf_dir / runinfo.RUN_FILE, runinfo.run_record(
         "convert", opts, base_model=run_info["base_model"], base_model_path=run_info["base_model_path"],
-        base_fingerprint=run_info["base_fingerprint"], full=full.name, quantized=quant.name,
+        full=full.name, quantized=quant.name, files={full.name: made_from, quant.name: made_from},
+        **made_from,
         system_prompt=run_info.get("system_prompt"), data_dir=run_info.get("data_dir")))
     from ..use import ollama  # noqa: PLC0415
 
@@ -68,8 +71,9 @@ def _fused_is_current(opts: ConvertOptions) -> bool:
     fused_run = opts.fused_dir / runinfo.RUN_FILE
     if not fused_run.is_file():
         return False
-    recorded = json.loads(fused_run.read_text()).get("adapter_fingerprint")
-    return recorded == runinfo.file_fingerprint(opts.adapter_dir / "adapter_model.safetensors")
+    recorded = json.loads(fused_run.read_text())
+    return (recorded.get("adapter_fingerprint") == runinfo.adapter_fingerprint(opts.adapter_dir)
+            and recorded.get("options", {}).get("dtype") == opts.dtype)
 
 
 def run_export(opts: ExportOptions) -> Path:

@@ -50,6 +50,11 @@ def run(opts: TrainOptions) -> Path:
 def _checked(opts: TrainOptions):
     """The options of this run (those of the run it continues), its data, the checkpoint it
     continues and the adapter it starts from: all checked before any model loads."""
+    if opts.resume_from and not opts.model:  # the adapter's own base, as the seed's users expect
+        model = adapter_base_model(Path(opts.resume_from))
+        if model:
+            say(f"MODEL={model}: the base model RESUME_FROM's adapter was trained on")
+            opts = dataclasses.replace(opts, model=model)
     opts = dataclasses.replace(opts, model=opts.model or models.DEFAULT_MODEL)
     checkpoint = None
     if not opts.resume and _continue_interrupted(opts):
@@ -99,12 +104,23 @@ def _recorded_options(checkpoint: Path, given: TrainOptions) -> TrainOptions:
     return TrainOptions(**{k: v for k, v in recorded.items() if k in names} | keep)
 
 
+def adapter_base_model(path: Path) -> str | None:
+    """The base model an adapter (file or folder) records: ours, PEFT's or mlx-lm's config."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / runinfo.RUN_FILE).is_file():
+        return runinfo.read_run(folder).get("base_model")
+    if (folder / ADAPTER_CONFIG).is_file():
+        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+        return cfg.get("model") or cfg.get("base_model_name_or_path")
+    return None
+
+
 def _resume_source(opts: TrainOptions) -> Path | None:
     if not opts.resume_from:
         return None
     path = Path(opts.resume_from)
-    if path.is_dir():
-        path = path / ADAPTER_FILE
+    if path.is_dir():  # ours, else the seed's (mlx-lm's) file name
+        path = path / ADAPTER_FILE if (path / ADAPTER_FILE).is_file() else path / SEED_ADAPTER_FILE
     if not path.is_file():
         raise ConfigError(f"RESUME_FROM={opts.resume_from}: no adapter file there",
                           f"point it at a trained adapter, e.g. output/adapters/{SEED_ADAPTER_FILE}")

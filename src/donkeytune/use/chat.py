@@ -31,6 +31,7 @@ def resolve_gguf(opts: RunGGUFOptions) -> tuple[Path, str | None]:
                          "run `make convert` first, or pass --gguf FILE")
     if not path.is_file():
         raise ModelError(f"GGUF file {path} not found", "run `make convert`, or pass --gguf FILE")
+    runinfo.check_gguf_current(path, opts.output_dir)  # chat and serve: never an earlier training
     system = opts.system if opts.system is not None else meta.get("system_prompt")
     return path, (system or None)
 

@@ -69,12 +69,16 @@ def run(opts: TestOptions) -> list[dict]:
 
 def _converted_gguf(opts: TestOptions) -> Path | None:
     if opts.gguf:
-        return Path(opts.gguf)
-    meta = Path(opts.output_dir) / "gguf" / runinfo.RUN_FILE
-    if not meta.is_file():
-        return None
-    path = meta.parent / json.loads(meta.read_text())["quantized"]
-    return path if path.is_file() else None
+        path = Path(opts.gguf)
+    else:
+        meta = Path(opts.output_dir) / "gguf" / runinfo.RUN_FILE
+        if not meta.is_file():
+            return None
+        path = meta.parent / json.loads(meta.read_text())["quantized"]
+        if not path.is_file():
+            return None
+    runinfo.check_gguf_current(path, opts.output_dir)  # a GGUF of an earlier training: refused
+    return path
 
 
 def base_gguf(base_dir: Path, qtype: str) -> Path:
