@@ -58,9 +58,10 @@ TARGETS = {
 VALUES = dict(ENGINE="torch", DEVICE="cpu", DTYPE="float32", RECIPE="seed", QUANTIZE="Q8_0",
               OUTTYPE="bf16", FUSE_DTYPE="bfloat16", DEVICES="2", BATCH_SIZE="6", PORT="8123",
               HOST="0.0.0.0", INPUTS="probe/a probe/b", PROMPT="What is the capital of France?",
-              N_CTX="512", TEMPERATURE="0.25", DROPOUT="0.1", LR="0.003", SCALE="3.5")
+              N_CTX="512", TEMPERATURE="0.25", DROPOUT="0.1", LR="0.003", SCALE="3.5",
+              NNODES="2", NODE_RANK="1")
 # given alone: they contradict another name, or need a package this machine may lack
-ALONE = {"RESUME": "1", "ALPHA": "24"}
+ALONE = {"RESUME": "1", "ALPHA": "24", "QUANTIZE_BASE": "4"}
 
 
 @pytest.fixture(scope="module")
