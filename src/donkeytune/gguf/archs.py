@@ -176,14 +176,18 @@ def write_hparams(w: gguf.GGUFWriter, arch: Arch, cfg: dict) -> None:
         w.add_value_length(cfg["head_dim"])
     if arch.rope_dim_key:
         w.add_rope_dimension_count(head_dim(cfg))
-    _write_rope_scaling(w, rope)
+    _write_rope_scaling(w, rope, cfg)
     if arch.extra_kv:
         arch.extra_kv(w, cfg)
 
 
-def _write_rope_scaling(w: gguf.GGUFWriter, rope: dict) -> None:
+def _write_rope_scaling(w: gguf.GGUFWriter, rope: dict, cfg: dict) -> None:
     kind = str(rope.get("rope_type") or "default").lower()
     if kind in ("default", "llama3", "longrope", "su"):  # llama3/longrope travel as tensors
+        return
+    if kind == "dynamic":  # llama.cpp has no dynamic NTK; equal to the base rope within its context
+        warn("rope scaling 'dynamic' is exported as the plain rope (llama.cpp has no dynamic NTK): "
+             "the same model up to the original context length")
         return
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -191,7 +195,11 @@ def _write_rope_scaling(w: gguf.GGUFWriter, rope: dict) -> None:
     elif kind == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
-        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        # transformers 5 may keep it beside the rope dict (SmolLM3-128K, ...), as llama.cpp reads it
+        orig = (rope.get("original_max_position_embeddings")
+                or cfg.get("original_max_position_embeddings")
+                or int(cfg["max_position_embeddings"] / rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(orig))
     else:
         raise ModelError(f"rope scaling type {kind!r} cannot be exported to GGUF",
                          "supported rope types: default, linear, yarn, llama3, longrope")
