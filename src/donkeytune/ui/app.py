@@ -29,7 +29,7 @@ POLL = 0.5  # seconds between looks at the run folder, for the event stream
 LOG_TAIL = 20000  # characters of a job's log sent when a page connects
 # options of `train` the page may set; empty = the recipe's
 TRAIN_FIELDS = ("iters", "batch_size", "num_layers", "lr", "rank", "scale", "max_seq_length",
-                "steps_per_report", "steps_per_eval", "save_every", "seed")
+                "steps_per_report", "steps_per_eval", "val_batches", "save_every", "seed")
 PLAN = re.compile(r"(\d+) iterations x (\d+) examples")
 
 
@@ -235,7 +235,7 @@ def snapshot(project: Project, jobs: Jobs) -> dict:
         out["run"] = {"base_model": run.get("base_model"), "iteration": run.get("iteration"),
                       "iters": o.get("iters"), "complete": run.get("complete"),
                       "data_dir": project.rel(run.get("data_dir", ""))}
-        if run.get("complete"):
+        if not (job and job["kind"] == "train" and job["state"] in ("running", "stopping")):
             metrics = report.read_metrics(project.out / "report" / "metrics.jsonl")
             out["run"]["diagnosis"] = [dataclasses.asdict(f) for f in report.diagnose(
                 metrics["train_loss"], metrics["val_loss"], o.get("lr"), o.get("iters"))]
