@@ -26,7 +26,7 @@ $(foreach v,$(MAKE_NAMES),$(if $(filter environment command% override,$(origin $
 OUT := $(or $(OUTPUT_DIR),output)
 CACHE_DIR := $(or $(DONKEYTUNE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/donkeytune)
 
-.PHONY: help setup demo check check-slow bench train train-resume fuse test test-prompt convert chat serve all \
+.PHONY: help setup converter demo check check-slow bench train train-resume fuse test test-prompt convert chat serve all \
         ui merge-data train-merged models clean-output clean-cache clean vars
 
 help:
@@ -74,7 +74,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".$(SETUP_EXTRAS)"
 	@touch $@
 
-setup: $(VENV)/.installed
+# llama.cpp's HF -> GGUF converter (for the architectures our exporter does not know), from the
+# source package of the installed llama-cpp-python, into the venv: export never downloads.
+converter: $(VENV)/.installed
+	@$(BIN)/python -m donkeytune.gguf.llamacpp install
+
+setup: $(VENV)/.installed converter
 	@$(DT) --version
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -85,10 +90,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	  || echo "note: chromium not installed, the browser test will be skipped"; fi
 	@touch $@
 
-check: $(VENV)/.installed-test
+check: $(VENV)/.installed-test converter
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-check-slow: $(VENV)/.installed-test
+check-slow: $(VENV)/.installed-test converter
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 $(VENV)/.installed-bench: $(VENV)/.installed

@@ -150,8 +150,19 @@ class ModelOptions:
         return Path(self.output_dir) / "fused"
 
 
+EXPORTERS = ("auto", "builtin", "llama.cpp")
+
+
 @dataclass
-class TrainOptions(ModelOptions):
+class ExporterOptions:
+    exporter: str = opt("auto", "GGUF exporter: builtin (ours: fast, no torch, the architectures "
+                        "`donkeytune models` marks), llama.cpp (llama.cpp's own converter, every "
+                        "architecture it knows), or auto: builtin where it knows the "
+                        "architecture, else llama.cpp", env="EXPORTER", choices=EXPORTERS)
+
+
+@dataclass
+class TrainOptions(ModelOptions, ExporterOptions):
     data_dir: str = opt("data", "folder with train.jsonl and valid.jsonl", env="DATA_DIR")
     recipe: str | None = opt(None, "what fills ITERS BATCH_SIZE NUM_LAYERS LR RANK SCALE when you "
                              "leave them unset (values you set are kept): auto (from the model, data "
@@ -216,6 +227,8 @@ class TrainOptions(ModelOptions):
                                 env="GRAD_CHECKPOINT")
     report_to: str | None = opt(None, "also log the metrics to tensorboard or wandb (their own "
                                 "packages)", env="REPORT_TO", choices=("tensorboard", "wandb"))
+    export_check: bool = opt(True, "before the model loads, check that EXPORTER can export it to "
+                             "GGUF (--no-export-check: train anyway)", env="EXPORT_CHECK")
 
     def __post_init__(self):
         _check(self.iters is None or self.iters > 0, f"ITERS must be positive, got {self.iters}")
@@ -306,7 +319,7 @@ OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass
-class ConvertOptions(FuseOptions):
+class ConvertOptions(FuseOptions, ExporterOptions):
     quantize: str = opt("Q4_K_M", "llama.cpp quantization of the final GGUF: "
                         + ", ".join(QUANT_TYPES), env="QUANTIZE")
     outtype: str = opt("f16", "type of the intermediate GGUF (kept next to the quantized one)",
@@ -323,7 +336,7 @@ class ConvertOptions(FuseOptions):
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(ExporterOptions):
     hf_dir: str = opt(None, "Hugging Face model folder (config.json + safetensors)",
                       positional=True, required=True)
     out: str = opt(None, "GGUF file to write", positional=True, required=True)

@@ -78,6 +78,16 @@ KNOWN_MODELS = (
 )
 
 
+# The architecture of each known model (its config.json), which says how it exports to GGUF.
+ARCHITECTURES = {
+    "smollm2-135m": "LlamaForCausalLM", "gemma-3-270m-it": "Gemma3ForCausalLM",
+    "qwen2.5-0.5b": "Qwen2ForCausalLM", "qwen2.5-coder-0.5b": "Qwen2ForCausalLM",
+    "llama-3.2-1b": "LlamaForCausalLM", "qwen2.5-1.5b": "Qwen2ForCausalLM",
+    "qwen2.5-coder-1.5b": "Qwen2ForCausalLM", "smollm3-3b": "SmolLM3ForCausalLM",
+    "qwen3-4b": "Qwen3ForCausalLM", "llama-3.1-8b": "LlamaForCausalLM",
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get("DONKEYTUNE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "donkeytune")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .models import KNOWN_MODELS
+from .models import ARCHITECTURES, KNOWN_MODELS
 from .progress import say, warn
 
 UNDERTRAINED = 0.5  # the seed's table: train loss still above this at the end = under-trained
@@ -29,19 +29,23 @@ def fits_here(train_gb: float, available_gb: float) -> str:
 
 def print_models() -> None:
     """The built-in alias and the models the seed was tested with, and which fit here."""
+    from .gguf.exporters import for_architecture  # noqa: PLC0415
+
     dev, avail = memory_here()
     rows = [("alias", "Hugging Face repo", "params", "layers", "context", "disk (bf16)", "train mem",
-             f"fits here ({avail:.0f} GB {dev})", "seed B/L/R/LR", "note")]
+             f"fits here ({avail:.0f} GB {dev})", "seed B/L/R/LR", "GGUF export", "note")]
     for m in KNOWN_MODELS:
         seed = "/".join(f"{m.seed[k]:g}" for k in ("batch_size", "num_layers", "rank", "lr"))
         rows.append((m.alias, m.repo, f"{m.params_b:g}B", str(m.layers), str(m.context),
                      f"{m.params_b * 2:.1f} GB", f"~{m.train_gb:g} GB", fits_here(m.train_gb, avail),
-                     seed, m.note))
+                     seed, for_architecture(ARCHITECTURES.get(m.alias)), m.note))
     print_table(rows)
     print("\ntrain mem: a LoRA run with the seed's recipe for the size (bf16 weights); "
           "`donkeytune train` checks the figure for your data before it loads the model.")
     print("seed B/L/R/LR: the seed's BATCH_SIZE/NUM_LAYERS/RANK/LR for the model, where the "
           "recipe starts (RECIPE=seed takes them as they are).")
+    print("GGUF export: builtin = our exporter; llama.cpp = llama.cpp's own converter, which also "
+          "takes any other architecture it knows (`donkeytune train` says which before it starts).")
     print("MODEL= takes an alias, a repo id, a local HF folder or a .gguf file.")
 
 

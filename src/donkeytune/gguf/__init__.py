@@ -1,14 +1,14 @@
-"""GGUF export without a llama.cpp checkout: numpy, safetensors headers and the `gguf` package.
-
-No torch here: exporting must work in a small environment and keep memory flat.
+"""HF folder -> GGUF: our exporter (numpy, safetensors headers and the `gguf` package, no
+torch, flat memory) for the architectures in archs.py, llama.cpp's own converter for the rest.
 """
 
 from __future__ import annotations
 
 from .archs import ARCHS
-from .convert import export, export_adapter
+from .convert import export_adapter
+from .exporters import Plan, export, plan
 
-SUPPORTED_ARCHITECTURES = tuple(ARCHS)
+SUPPORTED_ARCHITECTURES = tuple(ARCHS)  # the built-in exporter's
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
-__all__ = ["export", "export_adapter", "SUPPORTED_ARCHITECTURES", "OUTTYPES"]
+__all__ = ["export", "export_adapter", "plan", "Plan", "SUPPORTED_ARCHITECTURES", "OUTTYPES"]

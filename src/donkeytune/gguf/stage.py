@@ -43,8 +43,9 @@ def run(opts: ConvertOptions) -> Path:
                              "the GGUF files")
     timings = []
     t = time.perf_counter()
+    say(_export_plan(opts.fused_dir, opts.exporter).line)
     with status(f"Exporting {opts.fused_dir} to {full.name}"):
-        gguf.export(opts.fused_dir, full, opts.outtype)
+        gguf.export(opts.fused_dir, full, opts.outtype, exporter=opts.exporter)
     timings.append((full, time.perf_counter() - t))
     t = time.perf_counter()
     with status(f"Quantizing to {opts.quantize} with llama.cpp"):
@@ -80,10 +81,22 @@ def run_export(opts: ExportOptions) -> Path:
     from .. import gguf  # noqa: PLC0415
 
     memory.check_model_write(Path(opts.hf_dir), Path(opts.out).parent, [opts.outtype], "the GGUF file")
+    say(_export_plan(Path(opts.hf_dir), opts.exporter).line)
     with status(f"Exporting {opts.hf_dir} to {opts.out} ({opts.outtype})"):
-        out = gguf.export(Path(opts.hf_dir), Path(opts.out), opts.outtype)
+        out = gguf.export(Path(opts.hf_dir), Path(opts.out), opts.outtype, exporter=opts.exporter)
     say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")
     return out
+
+
+def _export_plan(hf_dir: Path, exporter: str):
+    """Which exporter will write the GGUF (its line says so); the reason it cannot, raised."""
+    from . import gguf  # noqa: PLC0415
+    from .errors import ModelError  # noqa: PLC0415
+
+    plan = gguf.plan(hf_dir, exporter)
+    if plan.exporter is None:
+        raise ModelError(f"{hf_dir}: {plan.line}", plan.fix)
+    return plan
 
 
 def run_quantize(opts: QuantizeOptions) -> Path:

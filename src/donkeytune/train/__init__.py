@@ -34,6 +34,7 @@ def run(opts: TrainOptions) -> Path:
         return opts.adapter_dir
     folder = models.resolve(opts.model, trust_remote_code=opts.trust_remote_code,
                             allow_pickle=opts.allow_pickle)
+    check_export(folder, opts)
     opts = recipe.resolve(opts, folder, len(dataset.train))  # unset ITERS, LR, ...: from the recipe
     if resume:
         _check_resume_matches(resume, folder, opts)
@@ -175,6 +176,21 @@ def _continue_interrupted(opts: TrainOptions) -> bool:
     raise ConfigError(f"{where}; a new run would overwrite it",
                       "continue it with --resume (make train RESUME=1), or start over with "
                       "--force (FORCE=1)")
+
+
+def check_export(folder: Path, opts: TrainOptions) -> None:
+    """Say how the trained model will become a GGUF, or refuse a model that cannot, before
+    it loads (no one should train for an hour for nothing)."""
+    from ..gguf import plan  # noqa: PLC0415
+
+    export = plan(folder, opts.exporter)
+    if export.exporter:
+        say(export.line)
+    elif opts.export_check:
+        raise ModelError(f"{opts.model}: {export.line}; train anyway with --no-export-check",
+                         export.fix)
+    else:
+        warn(f"{opts.model}: {export.line} (training anyway: --no-export-check)")
 
 
 def _print_plan(opts: TrainOptions, train_set, valid_set) -> None:

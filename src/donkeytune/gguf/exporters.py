@@ -1,0 +1,132 @@
+"""Which exporter writes a model's GGUF: ours (gguf/convert.py) or llama.cpp's converter.
+
+`plan` answers from config.json and the safetensors headers alone (no weights, no torch), so
+training can refuse a model that cannot be exported before it loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import EXPORTERS
+from ..errors import ConfigError, DonkeyError, ModelError
+
+BUILTIN, LLAMA_CPP = "builtin", "llama.cpp"
+NAMES = {BUILTIN: "built-in exporter", LLAMA_CPP: "llama.cpp's converter"}
+MODAL_PARTS = {"vision_config": "vision", "audio_config": "audio"}  # beside a text_config
+
+
+@dataclass(frozen=True)
+class Plan:
+    exporter: str | None  # None: this model cannot be exported
+    architecture: str
+    why: str = ""  # when it cannot
+    fix: str | None = None
+    left_out: tuple[str, ...] = ()  # parts of a multimodal checkpoint the GGUF leaves out
+
+    @property
+    def line(self) -> str:
+        """What training says before it starts."""
+        if self.exporter is None:
+            return f"cannot be exported to GGUF: {self.why}"
+        extra = f" ({self.architecture}: the text model; the {' and '.join(self.left_out)} " \
+                f"part{'s are' if len(self.left_out) > 1 else ' is'} left out)" if self.left_out else ""
+        return f"GGUF: {NAMES[self.exporter]}{extra}"
+
+
+def plan(hf_dir: Path, exporter: str = "auto") -> Plan:
+    """How the model in `hf_dir` will be exported with `exporter` (auto, builtin, llama.cpp)."""
+    from . import llamacpp  # noqa: PLC0415 - `python -m donkeytune.gguf.llamacpp` runs it
+
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"unknown exporter {exporter!r}", "use one of: " + ", ".join(EXPORTERS))
+    hf_dir = Path(hf_dir)
+    cfg = _config(hf_dir)
+    arch = llamacpp.architecture(cfg) or "(no architecture in config.json)"
+    left_out = tuple(part for key, part in MODAL_PARTS.items() if cfg.get(key))
+    builtin_problem = _builtin_problem(hf_dir, cfg) if exporter != LLAMA_CPP else None
+    if exporter == BUILTIN:
+        if builtin_problem:
+            return Plan(None, arch, f"the built-in exporter {builtin_problem}",
+                        "use EXPORTER=auto (llama.cpp's converter where ours falls short)")
+        return Plan(BUILTIN, arch)
+    if exporter == "auto" and not builtin_problem:
+        return Plan(BUILTIN, arch)
+    if llamacpp.converter_dir() is None:
+        why = llamacpp.missing_reason()
+        if builtin_problem:
+            why = f"the built-in exporter {builtin_problem}, and {why}"
+        return Plan(None, arch, why, llamacpp.INSTALL)
+    if llamacpp.supports(cfg):
+        return Plan(LLAMA_CPP, arch, left_out=left_out)
+    version = llamacpp.llama_cpp_version()
+    why = f"llama.cpp's converter (llama-cpp-python {version}) does not convert {arch}"
+    if builtin_problem:
+        why = f"the built-in exporter {builtin_problem}, and {why}"
+    return Plan(None, arch, why, "pick a model of an architecture llama.cpp supports "
+                "(see `donkeytune models`), or a newer llama-cpp-python and `make setup`")
+
+
+def for_architecture(name: str | None) -> str:
+    """Which exporter `auto` takes for an architecture name, for tables (no config checks)."""
+    from . import llamacpp  # noqa: PLC0415 - `python -m donkeytune.gguf.llamacpp` runs it
+
+    from .archs import ARCHS  # noqa: PLC0415
+
+    if name in ARCHS:
+        return BUILTIN
+    folder = llamacpp.converter_dir()
+    if folder is None:
+        return "llama.cpp? (converter not installed)"
+    return LLAMA_CPP if name in llamacpp.text_architectures(folder) else "none"
+
+
+def export(hf_dir: Path, out_path: Path, outtype: str = "f16", progress=None,
+           exporter: str = "auto") -> Path:
+    """Write the model in `hf_dir` as a GGUF file with the exporter `plan` picks."""
+    from . import llamacpp  # noqa: PLC0415 - `python -m donkeytune.gguf.llamacpp` runs it
+
+    from .convert import export as builtin_export  # noqa: PLC0415
+
+    chosen = plan(hf_dir, exporter)
+    if chosen.exporter is None:
+        raise ModelError(f"{hf_dir}: {chosen.line}", chosen.fix)
+    if chosen.exporter == BUILTIN:
+        return builtin_export(hf_dir, out_path, outtype, progress)
+    from .tensors import OUTTYPES  # noqa: PLC0415
+
+    if outtype.lower() not in OUTTYPES:
+        raise ConfigError(f"unknown GGUF export type {outtype!r}", "use one of: " + ", ".join(OUTTYPES))
+    return llamacpp.convert(hf_dir, out_path, outtype)
+
+
+def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
+    """Why our exporter cannot write this model, or None: its table row, its hyperparameter
+    keys and a GGUF name for every tensor, checked without reading any weight."""
+    import gguf  # noqa: PLC0415
+
+    from . import convert, tensors  # noqa: PLC0415
+    from .archs import ARCHS, arch_for, text_config, write_hparams  # noqa: PLC0415
+
+    names = cfg.get("architectures") or []
+    if not any(n in ARCHS for n in names):
+        return (f"does not know {', '.join(names) or 'a model without architectures'} "
+                f"(it knows {', '.join(ARCHS)})")
+    try:
+        text = text_config(cfg)
+        arch = arch_for(text, hf_dir)
+        write_hparams(gguf.GGUFWriter(None, arch.name), arch, text)
+        if list(hf_dir.glob("*.safetensors")):
+            convert.plan_model(tensors.index(hf_dir), text, arch, tensors.OUTTYPES["f16"])
+    except (DonkeyError, KeyError, TypeError, ValueError) as e:
+        return f"cannot write it: {e.message if isinstance(e, DonkeyError) else repr(e)}"
+    return None
+
+
+def _config(hf_dir: Path) -> dict:
+    try:
+        return json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{hf_dir} is not a Hugging Face model folder (config.json: {e})") from None
