@@ -40,7 +40,8 @@ def run(opts: FuseOptions) -> Path:
         model.save_pretrained(tmp)
         tok = device.load_tokenizer(base_dir, trust_remote_code=opts.trust_remote_code)
         tok.save_pretrained(tmp)
-        for extra in ("generation_config.json",):
+        # tokenizer.model: llama.cpp's converter reads SentencePiece vocabularies (Gemma) from it
+        for extra in ("generation_config.json", "tokenizer.model"):
             if (base_dir / extra).exists() and not (tmp / extra).exists():
                 shutil.copyfile(base_dir / extra, tmp / extra)
         runinfo.write_json(tmp / runinfo.RUN_FILE, runinfo.run_record(

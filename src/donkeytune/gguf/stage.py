@@ -90,10 +90,10 @@ def run_export(opts: ExportOptions) -> Path:
 
 def _export_plan(hf_dir: Path, exporter: str):
     """Which exporter will write the GGUF (its line says so); the reason it cannot, raised."""
-    from . import gguf  # noqa: PLC0415
-    from .errors import ModelError  # noqa: PLC0415
+    from ..errors import ModelError  # noqa: PLC0415
+    from .exporters import plan as export_plan  # noqa: PLC0415
 
-    plan = gguf.plan(hf_dir, exporter)
+    plan = export_plan(hf_dir, exporter)
     if plan.exporter is None:
         raise ModelError(f"{hf_dir}: {plan.line}", plan.fix)
     return plan

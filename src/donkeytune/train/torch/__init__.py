@@ -113,7 +113,7 @@ def add_lora(model, opts: TrainOptions):
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
-    from . import attention, blockops, dropout, loralinear  # noqa: PLC0415
+    from . import blockops, dropout, fit, loralinear  # noqa: PLC0415
 
     opts = recipe.seed_filled(opts)  # called without run() (Python users, tests): the seed's values
     n_blocks = model.config.get_text_config().num_hidden_layers
@@ -121,12 +121,14 @@ def add_lora(model, opts: TrainOptions):
     if n > n_blocks:
         raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
                           f"use NUM_LAYERS={n_blocks} or -1 (all)")
+    layers = list(range(n_blocks - n, n_blocks))
     config = LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
-                        target_modules=block_linear_names(model),
-                        layers_to_transform=list(range(n_blocks - n, n_blocks)),
-                        task_type="CAUSAL_LM")
-    attention.enable(model)
+                        task_type="CAUSAL_LM", **lora_targets(model, layers))
+    paths = fit.check(model)  # packing, packed attention, head loss: where they equal the stock path
+    if paths.notes:
+        say("Training with " + "; ".join(paths.notes))
     model = get_peft_model(model, config)
+    model.get_base_model().donkeytune_paths = paths
     dropout.replace_lora_dropout(model)
     loralinear.use_fused_lora(model)
     blockops.use_fused_norms(model)
@@ -165,7 +167,7 @@ def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int
     first_epoch = data.batches(train_set, opts.batch_size, opts.seed, pad_id, shard=shard)
     with torch.no_grad(), _compute_dtype(causal, dev):
         for _ in range(steps):
-            batch = next(first_epoch)
+            batch = _layout(causal, next(first_epoch))
             ids = torch.tensor(batch.input_ids, device=dev)
             pos = torch.tensor(batch.position_ids, device=dev)
             cache.fill(batch.segments, ids.shape, lambda: causal.get_decoder()(
@@ -173,12 +175,42 @@ def refill_prefix_cache(cache, model, train_set, opts: TrainOptions, pad_id: int
 
 
 def block_linear_names(model) -> list[str]:
-    """Names of the nn.Linear layers inside the transformer blocks (q_proj, ..., down_proj)."""
+    """Names of the nn.Linear layers inside the transformer blocks (q_proj, ..., down_proj),
+    without mixture-of-experts routers (LoRA on a router would move tokens between experts)."""
     import torch  # noqa: PLC0415
 
-    layers = model.get_decoder().layers
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in layers[0].named_modules()
-                   if isinstance(mod, torch.nn.Linear)})
+    text = model.config.get_text_config()
+    experts = {getattr(text, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")}
+    names = set()
+    for layer in model.get_decoder().layers:  # hybrids: each layer kind has its own linears
+        for name, mod in layer.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            router = mod.out_features in experts - {None} or "router" in leaf or leaf == "shared_expert_gate"
+            if not router:
+                names.add(leaf)
+    return sorted(names)
+
+
+def lora_targets(model, layers: list[int]) -> dict:
+    """PEFT's target_modules (and layers_to_transform) for LoRA on the decoder blocks `layers`
+    only. A multimodal model's vision or audio tower has linears of the same names (q_proj,
+    ...): then a pattern on the decoder's own path keeps LoRA off them."""
+    import re  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    names = block_linear_names(model)
+    decoder_layers = model.get_decoder().layers
+    path = next(n for n, m in model.named_modules() if m is decoder_layers)
+    inside = {n for n, m in model.named_modules() if n.startswith(path + ".")}
+    elsewhere = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                 and n.rsplit(".", 1)[-1] in names and n not in inside]
+    if not elsewhere:
+        return dict(target_modules=names, layers_to_transform=layers)
+    return dict(target_modules=rf"{re.escape(path)}\.({'|'.join(map(str, layers))})\.(.*\.)?"
+                               rf"({'|'.join(map(re.escape, names))})")
 
 
 def batch_loss(model, batch: data.Batch, dev, cache=None):
@@ -194,19 +226,37 @@ def batch_loss(model, batch: data.Batch, dev, cache=None):
     from . import loralinear  # noqa: PLC0415
     from .headloss import head_loss  # noqa: PLC0415
 
+    causal = model.get_base_model()
+    paths = getattr(causal, "donkeytune_paths", None)
+    batch = _layout(causal, batch)
     ids, pos, labels = (torch.tensor(x, device=dev) for x in
                         (batch.input_ids, batch.position_ids, batch.labels))
-    causal = model.get_base_model()
     replay = cache.batch(batch.segments, ids.shape) if cache else contextlib.nullcontext()
-    with _compute_dtype(causal, dev), replay:
-        hidden = causal.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != data.IGNORE
+    if paths is not None and not paths.head:  # the model's own head and logits
+        with _compute_dtype(causal, dev), replay:
+            logits = causal(input_ids=ids, position_ids=pos, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep],
+                                                 reduction="sum")
+        return loss, int(keep.sum())
+    with _compute_dtype(causal, dev), replay:
+        hidden = causal.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     cap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
     head = causal.get_output_embeddings()
-    loss = head_loss(hidden[:, :-1][keep], head.weight, targets[keep], cap,
-                     getattr(head, loralinear.PACKED, None))
+    hidden = hidden[:, :-1][keep]
+    if paths is not None and paths.hidden_scale != 1.0:  # Granite's logits_scaling
+        hidden = hidden * paths.hidden_scale
+    loss = head_loss(hidden, head.weight, targets[keep], cap, getattr(head, loralinear.PACKED, None))
     return loss, int(keep.sum())
+
+
+def _layout(causal, batch: data.Batch) -> data.Batch:
+    """One example per row for models whose layers mix the examples of a packed row."""
+    from .fit import unpack  # noqa: PLC0415
+
+    paths = getattr(causal, "donkeytune_paths", None)
+    return batch if paths is None or paths.pack else unpack(batch)
 
 
 def lora_step(model, batch: data.Batch, optimizer, params, dev, cache=None, group=None,
