@@ -75,6 +75,8 @@ def for_architecture(name: str | None) -> str:
 
     from .archs import ARCHS  # noqa: PLC0415
 
+    if name is None:
+        return "?"
     if name in ARCHS:
         return BUILTIN
     folder = llamacpp.converter_dir()
