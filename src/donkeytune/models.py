@@ -85,6 +85,8 @@ ARCHITECTURES = {
     "llama-3.2-1b": "LlamaForCausalLM", "qwen2.5-1.5b": "Qwen2ForCausalLM",
     "qwen2.5-coder-1.5b": "Qwen2ForCausalLM", "smollm3-3b": "SmolLM3ForCausalLM",
     "qwen3-4b": "Qwen3ForCausalLM", "llama-3.1-8b": "LlamaForCausalLM",
+    "lucy-128k": "Qwen3ForCausalLM", "smollm3-3b-128k": "SmolLM3ForCausalLM",
+    "jan-nano": "Qwen3ForCausalLM", "jan-nano-128k": "Qwen3ForCausalLM",
 }
 
 
