@@ -8,8 +8,17 @@ import time
 from contextlib import contextmanager
 
 
+def quiet_worker() -> bool:
+    """True in a torchrun worker other than the first. torchrun's own TORCHELASTIC_RUN_ID says
+    that RANK is its: `make train RANK=16` exports the LoRA rank under the same name."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env or env.get("WORLD_SIZE", "1") in ("", "1"):
+        return False
+    return env.get("RANK", "0") != "0"
+
+
 def say(msg: str) -> None:
-    if os.environ.get("RANK", "0") != "0":  # one of several training workers: the first speaks
+    if quiet_worker():  # one of several training workers: the first speaks
         return
     print(msg, file=sys.stderr, flush=True)
 
