@@ -162,3 +162,71 @@ def test_serve_openai_client_ask_stream_bad_requests_and_stop(server, complete):
     assert proc.wait(timeout=30) == 0
     log = proc.stderr.read()
     assert "Serving tiny-finetuned-Q8_0.gguf" in log and "Server stopped" in log
+
+
+# ---------------------------------------------------------------- hostile requests (issue 20)
+
+def _byte_token(tiny_model) -> int:
+    """A token that is the lone byte 0xFF: it never decodes as UTF-8."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model("llama")).convert_tokens_to_ids("ÿ")
+
+
+def test_serve_hostile_requests_get_400_and_the_server_lives(server, tiny_model):
+    proc, base = server
+    for path, body, says in [
+            ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                   "grammar": "root ::= ( "}, "grammar"),
+            ("/completions", {"prompt": "hi", "grammar": "root ::= root \"a\""}, "grammar"),
+            ("/completions", {"prompt": "hi", "grammar": "start ::= \"a\""}, "grammar"),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                   "logit_bias": {"abc": 5}}, "not a token id"),
+            ("/completions", {"prompt": "hi", "logit_bias": {"99999999": 5}}, "not a token id"),
+            ("/embeddings", {"input": "hi"}, "embeddings are not served")]:
+        status, error = post(base + path, json.dumps(body).encode())
+        assert status == 400, (body, status, error)
+        assert says in error["error"]["message"]
+    ok, answer = post(base + "/completions", json.dumps(
+        {"prompt": "hi", "max_tokens": 3, "grammar": 'root ::= "yes" | "no"'}).encode())
+    assert ok == 200 and answer["choices"][0]["text"] in ("yes", "no")
+    assert proc.poll() is None
+
+
+def _stream_request(base, byte, max_tokens):
+    body = json.dumps({"prompt": "hi", "max_tokens": max_tokens, "stream": True, "temperature": 0,
+                       "logit_bias": {str(byte): 100.0}}).encode()
+    return urllib.request.Request(base + "/completions", data=body,
+                                  headers={"Content-Type": "application/json"})
+
+
+def test_serve_byte_tokens_stream_models_answers_disconnect_and_sigterm(server, tiny_model):
+    proc, base = server
+    byte = _byte_token(tiny_model)
+    start = time.monotonic()  # 1,000 lone 0xFF bytes: minutes in llama-cpp-python's stream
+    with urllib.request.urlopen(_stream_request(base, byte, 1000), timeout=60) as r:
+        events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert time.monotonic() - start < 30 and events[-1] == "data: [DONE]"
+    final = json.loads(events[-2][6:])["choices"][0]
+    assert final["finish_reason"] in ("length", "stop")
+
+    # a long stream runs; /v1/models answers at once; the client leaves: the generation stops
+    r = urllib.request.urlopen(_stream_request(base, byte, 1800), timeout=60)
+    r.readline()
+    start = time.monotonic()
+    with urllib.request.urlopen(base + "/models", timeout=5) as m:
+        assert json.loads(m.read())["data"][0]["id"] == "tiny-finetuned-Q8_0"
+    assert time.monotonic() - start < 1
+    r.close()
+    start = time.monotonic()  # the next request gets the model: the left stream stopped
+    status, answer = post(base + "/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
+    assert status == 200 and time.monotonic() - start < 10
+
+    # SIGTERM during a request: the process ends within 5 s
+    r = urllib.request.urlopen(_stream_request(base, byte, 1800), timeout=60)
+    r.readline()
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    assert time.monotonic() - start < 5
+    r.close()
