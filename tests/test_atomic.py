@@ -49,12 +49,12 @@ WRITERS = {
                                  state=adapter.trainer_state(7, torch.optim.AdamW(model.parameters())))
     """,
     "merged data": """
-        from donkeytune import data
+        from donkeytune import files
         text = "".join('{"messages": [{"role": "user", "content": "q%d"}, '
                        '{"role": "assistant", "content": "%s"}]}\\n' % (i, "a" * 500) for i in range(20000))
         print("ready", flush=True)
         while True:
-            data.write_atomic(OUT / "train.jsonl", text)
+            files.write_atomic(OUT / "train.jsonl", text)
     """,
 }
 FINAL = {"gguf export": ["m.gguf"], "quantize": ["m.gguf"],

@@ -14,7 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import files
 from .errors import ConfigError
+from .files import OUT_TYPES
 from .data.formats import FORMATS
 
 ENV_PREFIX = "DONKEYTUNE_"
@@ -275,10 +277,9 @@ class TrainOptions(ModelOptions, ExporterOptions):
                    f"--report-to {self.report_to} needs the {package} package",
                    f"pip install {package}")
         if self.engine == "mlx":
-            from .train.engines import MLX_INSTALL, mlx_installed  # noqa: PLC0415 - finds mlx, never imports it
+            from .train.engines import require_mlx  # noqa: PLC0415 - finds mlx, never imports it
 
-            _check(mlx_installed(), "ENGINE=mlx needs mlx and mlx-lm, which are not installed",
-                   MLX_INSTALL)
+            require_mlx("ENGINE=mlx")
             _check(self.device in ("auto", "cpu"), f"DEVICE={self.device} is a torch device; the MLX "
                    "engine runs on Apple's GPU (auto) or the CPU", "leave DEVICE unset, or use ENGINE=torch")
 
@@ -314,8 +315,7 @@ class TestOptions(ModelOptions):
                            env="GGUF")
 
 
-QUANT_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16")
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANT_TYPES = tuple(files.QUANT_TYPES)
 
 
 @dataclass

@@ -20,13 +20,20 @@ def pick_device(name: str = "auto") -> str:
     return "cpu"
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (amx_bf16, avx512_bf16, avx2, ...); None without /proc/cpuinfo."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+
+
 def cpu_has_bf16() -> bool:
     """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on x86."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return sys.platform == "darwin"  # Apple Silicon CPUs do bf16 natively
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def pick_dtype(name: str, device: str):

@@ -8,7 +8,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from . import models, report, runinfo
+from . import device, models, report, runinfo
 from .train import memory
 
 
@@ -23,9 +23,8 @@ def cpu_name() -> str:
 
 
 def cpu_features() -> list[str]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    flags = device.cpu_flags()
+    if flags is None:
         return ["arm64 (bf16)"] if platform.machine() == "arm64" else []
     return [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
                                     ("avx512f", "AVX512"), ("avx2", "AVX2")) if flag in flags]

@@ -9,6 +9,7 @@ from . import device, runinfo
 from .train import memory
 from .config import FuseOptions
 from .errors import ModelError
+from .files import ADAPTER_FILE
 from .progress import say, status
 
 
@@ -47,7 +48,7 @@ def run(opts: FuseOptions) -> Path:
         runinfo.write_json(tmp / runinfo.RUN_FILE, runinfo.run_record(
             "fuse", opts, base_model=run_info["base_model"], base_model_path=str(base_dir),
             base_fingerprint=run_info["base_fingerprint"], adapter=str(opts.adapter_dir),
-            adapter_fingerprint=runinfo.file_fingerprint(opts.adapter_dir / "adapter_model.safetensors"),
+            adapter_fingerprint=runinfo.file_fingerprint(opts.adapter_dir / ADAPTER_FILE),
             dtype=dtype, changed_tensors=changed, system_prompt=run_info.get("system_prompt"),
             data_dir=run_info.get("data_dir")))
         if out.exists():

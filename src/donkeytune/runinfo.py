@@ -5,26 +5,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 from .errors import ModelError
-from .files import ADAPTER_FILE, RUN_FILE  # noqa: F401 - runinfo.RUN_FILE, as the stages use it
+from .files import ADAPTER_FILE, RUN_FILE, write_atomic
 
 
 
 def write_json(path: Path, obj) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically."""
+    return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def model_fingerprint(folder: Path) -> str:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import formats
 from ..errors import DataError
+from ..files import write_atomic
 from ..progress import warn
 
 MAX_SHOWN = 10  # problems listed in one error message
@@ -262,29 +262,11 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def parse_line(line: bytes) -> list[dict]:
-    """One chat JSONL line -> validated messages; ValueError says what is wrong."""
-    return formats.to_messages(_decode(line), "chat")[0]
-
-
 def write_records(path: Path, examples: list[Example]) -> Path:
     """Write examples as JSONL (chat records; plain text as text records), atomically."""
     lines = (json.dumps(formats.to_record(ex.messages, ex.plain), ensure_ascii=False) + "\n"
              for ex in examples)
     return write_atomic(path, "".join(lines))
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def load_questions(data_dir: str | Path) -> list[dict]:

@@ -22,6 +22,7 @@ from ..config import (DataCheckOptions, DataMergeOptions, DataSplitOptions, Data
                      DataWriteOptions)
 from .load import Example, Problem
 from ..errors import DataError
+from ..files import write_atomic
 from ..progress import say, warn
 
 SPLITS = ("train", "valid")
@@ -511,7 +512,7 @@ def write_dataset(out: Path, train: list[Example], valid: list[Example], *, forc
     if valid:
         paths.append(data.write_records(out / "valid.jsonl", valid))
     if provenance is not None:
-        paths.append(data.write_atomic(out / PROVENANCE, json.dumps(provenance, indent=1) + "\n"))
+        paths.append(write_atomic(out / PROVENANCE, json.dumps(provenance, indent=1) + "\n"))
     for stale in set(targets) - set(paths):  # a train.json or an old valid.jsonl would shadow these
         stale.unlink(missing_ok=True)
     return paths

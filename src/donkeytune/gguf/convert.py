@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError
+from ..files import ADAPTER_CONFIG, atomic
 from . import tensors as T
 from .archs import Arch, arch_for, text_config, write_hparams
 from .vocab import add_vocab
@@ -112,7 +111,7 @@ def _write(w: gguf.GGUFWriter, plan: list[Planned], out_path: Path, progress: Pr
     for p in plan:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), T.nbytes(p.shape, p.qtype),
                           raw_dtype=p.qtype)
-    with _atomic(out_path) as tmp:
+    with atomic(out_path) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -122,18 +121,6 @@ def _write(w: gguf.GGUFWriter, plan: list[Planned], out_path: Path, progress: Pr
                 progress(i, len(plan))
         w.close()
     return out_path
-
-
-@contextmanager
-def _atomic(out_path: Path):
-    """Yield a temporary name next to `out_path`; rename it into place only on success."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    try:
-        yield tmp
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_config(folder: Path) -> dict:
@@ -175,9 +162,9 @@ def export_adapter(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -> Path
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / "adapter_config.json"
+    path = adapter_dir / ADAPTER_CONFIG
     if not path.exists():
-        raise ModelError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+        raise ModelError(f"{adapter_dir} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
     acfg = json.loads(path.read_text())
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if acfg.get(k)]
     if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora") or unsupported:

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
+from ..files import QUANT_TYPES, atomic
 from ..progress import say
 
 # llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
-QTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32}
+QTYPES = {name: ftype for name, (ftype, _bytes) in QUANT_TYPES.items()}
 _SOURCE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type llama.cpp requantizes well
 
 
@@ -35,22 +36,19 @@ def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
-    tmp = out_gguf.with_name(out_gguf.name + ".partial")
-    out_gguf.parent.mkdir(parents=True, exist_ok=True)
     log = None
     try:
-        with _c_stderr_captured() as log:
-            rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(),
-                                                ctypes.byref(params))
-        if rc != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
-            raise ModelError(f"llama.cpp failed to quantize {in_gguf} to {qtype} (status {rc}):\n{tail}",
-                             "check the file loads in llama.cpp; disk space in "
-                             f"{out_gguf.parent}")
-        fallbacks = log.read_text(errors="replace").count("falling back to")
-        os.replace(tmp, out_gguf)
+        with atomic(out_gguf) as tmp:
+            with _c_stderr_captured() as log:
+                rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(),
+                                                    ctypes.byref(params))
+            if rc != 0:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+                raise ModelError(f"llama.cpp failed to quantize {in_gguf} to {qtype} (status {rc}):\n"
+                                 f"{tail}", "check the file loads in llama.cpp; disk space in "
+                                 f"{out_gguf.parent}")
+            fallbacks = log.read_text(errors="replace").count("falling back to")
     finally:
-        tmp.unlink(missing_ok=True)
         if log:
             log.unlink(missing_ok=True)
     if fallbacks:

@@ -1,8 +1,10 @@
-"""The convert stage: fuse (when needed) -> GGUF export -> llama.cpp quantization.
+"""The GGUF stages: `convert` (fuse when needed -> GGUF export -> llama.cpp quantization), and
+`export`, `quantize` and `export-adapter` on their own.
 
-Writes output/gguf/<model>-finetuned-f16.gguf and output/gguf/<model>-finetuned-<QUANT>.gguf,
-as the seed did. The f16 file is kept: re-quantizing to another type starts from it, and a
-quantized file cannot be quantized again without losing quality.
+`convert` writes output/gguf/<model>-finetuned-f16.gguf and <model>-finetuned-<QUANT>.gguf, the
+names the seed's Makefile used, so scripts written for it find them. The f16 file is kept:
+re-quantizing to another type starts from it, and a quantized file cannot be quantized again
+without losing quality.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import time
 from pathlib import Path
 
 from .. import runinfo
-from ..train import memory
 from ..config import ConvertOptions, ExportAdapterOptions, ExportOptions, QuantizeOptions
 from ..progress import say, status
+from ..train import memory
 
 
 def model_name(reference: str) -> str:

@@ -15,10 +15,11 @@ import gguf
 import numpy as np
 
 from ..errors import ModelError
+from ..files import OUT_TYPES
 
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 Q = gguf.GGMLQuantizationType
-OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+OUTTYPES = dict(zip(OUT_TYPES, (Q.F32, Q.F16, Q.BF16, Q.Q8_0)))
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 

@@ -9,8 +9,33 @@ from pathlib import Path
 
 from .. import runinfo
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_FILE, MLX_STATE_FILE, SEED_ADAPTER_FILE, STATE_FILE
+from ..files import ADAPTER_FILE, MLX_STATE_FILE, SEED_ADAPTER_FILE, STATE_FILE, atomic
 from ..progress import say
+
+
+def adapted_blocks(opts, n_blocks: int) -> list[int]:
+    """The blocks LoRA adapts, in both engines: the last NUM_LAYERS (-1: all)."""
+    n = n_blocks if opts.num_layers == -1 else opts.num_layers
+    if n > n_blocks:
+        raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
+                          f"use NUM_LAYERS={n_blocks} or -1 (all)")
+    return list(range(n_blocks - n, n_blocks))
+
+
+def lora_config(opts, targets: list[str], n_blocks: int, **extra):
+    """PEFT's LoraConfig of a run: `targets` (q_proj, ...) in the adapted blocks."""
+    from peft import LoraConfig  # noqa: PLC0415
+
+    return LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
+                      target_modules=targets, layers_to_transform=adapted_blocks(opts, n_blocks),
+                      task_type="CAUSAL_LM", **extra)
+
+
+def misfit(source: Path, missing: int, unexpected: int) -> ModelError:
+    """The error of adapter weights that do not fit the model's LoRA layers."""
+    return ModelError(f"{source} does not fit this model's LoRA layers "
+                      f"({missing} missing, {unexpected} unexpected tensors)",
+                      "resume with the NUM_LAYERS and RANK the adapter was trained with")
 
 
 def trainer_state(it: int, optimizer, workers: int = 1) -> dict:
@@ -90,8 +115,8 @@ def save_adapter(model, adapter_dir: Path, meta: dict, checkpoint: int | None = 
         for f in tmp.iterdir():
             if f.name == STATE_FILE and target == adapter_dir:
                 continue  # optimizer state lives in the checkpoints only
-            shutil.copyfile(f, target / f".{f.name}.partial")
-            (target / f".{f.name}.partial").replace(target / f.name)
+            with atomic(target / f.name) as tmp_file:
+                shutil.copyfile(f, tmp_file)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -103,7 +128,5 @@ def load_adapter_weights(model, source: Path) -> None:
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ModelError(f"{source} does not fit this model's LoRA layers "
-                         f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)",
-                         "resume with the NUM_LAYERS and RANK the adapter was trained with")
+        raise misfit(source, len(missing), len(result.unexpected_keys))
     say(f"Resuming from the adapter weights in {source}")

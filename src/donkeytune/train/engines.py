@@ -13,7 +13,6 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..files import MLX_STATE_FILE
 
-ENGINES = ("auto", "torch", "mlx")
 MLX_INSTALL = "pip install 'donkeytune[mlx]'  (Linux: pip install 'mlx[cpu]' mlx-lm)"
 
 
@@ -44,7 +43,11 @@ def pick(name: str, checkpoint: Path | None = None) -> str:
             f"resume it with ENGINE={trained} (or leave ENGINE unset), or start a new {other} run "
             f"from its adapter: RESUME_FROM={Path(checkpoint).parent.parent}/adapters.safetensors "
             f"ENGINE={other}")
-    if name == "mlx" and not mlx_installed():
-        raise ConfigError("the MLX engine needs mlx and mlx-lm, which are not installed",
-                          MLX_INSTALL)
+    if name == "mlx":
+        require_mlx()
     return name
+
+
+def require_mlx(what: str = "the MLX engine") -> None:
+    if not mlx_installed():
+        raise ConfigError(f"{what} needs mlx and mlx-lm, which are not installed", MLX_INSTALL)

@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DonkeyError
+from ..files import QUANT_TYPES
 
 GB = 1e9
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Bytes per parameter of what fuse/export/quantize write (K-quants: llama.cpp's average bits / 8).
 FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f16": 2,
-              "q8_0": 34 / 32, "Q8_0": 34 / 32, "F16": 2, "BF16": 2, "Q6_K": 6.56 / 8,
-              "Q5_K_M": 5.69 / 8, "Q4_K_M": 4.85 / 8, "Q4_0": 18 / 32}
+              "q8_0": 34 / 32, **{name: size for name, (_ftype, size) in QUANT_TYPES.items()}}
 # Python + torch + transformers + tokenizer + allocator slack: the intercept of peak RSS against
 # batch size for SmolLM2-135M (Linux x86 CPU, torch 2.13). On a GPU the CUDA context is about 0.5 GB.
 BASELINE = 0.7 * GB
@@ -30,7 +28,6 @@ BASELINE = 0.7 * GB
 # temporaries and allocator slack together): estimate / peak RSS = 1.16 at batch 2 and 1.07 at
 # batch 8 (tests/test_memory.py).
 ACT_HIDDEN, ACT_INTER = 36, 16
-CHUNK, BLOCK = 512, 4096  # headloss.CHUNK positions x headloss.BLOCK vocabulary rows
 
 
 def count_params(folder: Path) -> int:
@@ -42,10 +39,6 @@ def count_params(folder: Path) -> int:
             header = json.loads(fh.read(n))
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total
-
-
-def weights_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 @dataclass
@@ -93,6 +86,8 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
     - logits: the LM head runs on labelled positions only, CHUNK positions by BLOCK vocabulary
       rows at a time: fp32 logits, exponentials and the bf16 copy (12 bytes an entry).
     """
+    from .torch.sizes import BLOCK, CHUNK  # noqa: PLC0415 - the head kernel's blocks, no torch
+
     cfg = cfg.get("text_config", cfg)
     hidden, inter = cfg["hidden_size"], cfg.get("intermediate_size", 4 * cfg["hidden_size"])
     heads = cfg.get("num_attention_heads", 1)

@@ -19,9 +19,9 @@ from pathlib import Path
 from .. import data
 from ..config import TrainOptions
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE, atomic
 from ..progress import say
-from .adapter import prune_checkpoints, save_adapter
+from .adapter import adapted_blocks, misfit, prune_checkpoints, save_adapter
 from .engines import MLX_INSTALL, apple_silicon
 from .loop import Job, Reporter, Setup, check_finite, loop, metrics_file
 
@@ -120,11 +120,7 @@ def lora_model(folder: Path, opts: TrainOptions):
                     class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and m.weight.shape[-1] % QUANT_GROUP == 0)
     model.freeze()
-    n_blocks = len(model.layers)
-    n = n_blocks if opts.num_layers == -1 else opts.num_layers
-    if n > n_blocks:
-        raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
-                          f"use NUM_LAYERS={n_blocks} or -1 (all)")
+    n = len(adapted_blocks(opts, len(model.layers)))  # mlx-lm adapts the last n
     linear_to_lora_layers(model, n, dict(rank=opts.rank, scale=opts.scale, dropout=opts.dropout,
                                          keys=block_linear_keys(model)))
     model.labelled_head = head(model)  # a plain attribute, not a parameter
@@ -294,14 +290,12 @@ def peft_config(model, opts: TrainOptions, folder: Path) -> dict:
     """The adapter_config.json PEFT would have written for the same layers (PEFT fills the
     fields left out with its defaults). Written without importing PEFT, which would import
     torch: seconds of start-up an MLX run has no use for."""
-    n_blocks = len(model.layers)
-    n = n_blocks if opts.num_layers == -1 else opts.num_layers
     return dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(folder),
                 inference_mode=True, r=opts.rank, lora_alpha=opts.lora_alpha,
                 lora_dropout=opts.dropout, bias="none", fan_in_fan_out=False, use_rslora=False,
                 use_dora=False, init_lora_weights=True, modules_to_save=None, layers_pattern=None,
                 target_modules=sorted({k.rsplit(".", 1)[-1] for k in block_linear_keys(model)}),
-                layers_to_transform=list(range(n_blocks - n, n_blocks)), rank_pattern={},
+                layers_to_transform=adapted_blocks(opts, len(model.layers)), rank_pattern={},
                 alpha_pattern={})
 
 
@@ -345,9 +339,7 @@ def load_adapter_weights(model, source: Path) -> None:
             unexpected.append(key)
     missing = set(want) - set(got)
     if missing or unexpected:
-        raise ModelError(f"{source} does not fit this model's LoRA layers "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
-                         "resume with the NUM_LAYERS and RANK the adapter was trained with")
+        raise misfit(source, len(missing), len(unexpected))
     model.load_weights(list(got.items()), strict=False)
     say(f"Resuming from the adapter weights in {source}")
 
@@ -381,9 +373,8 @@ def check_names(model, names: set[str]) -> None:
 
 def save_state(folder: Path, it: int, optimizer) -> None:
     """The optimizer state (Adam moments and step) as safetensors, written atomically."""
-    tmp = folder / f".{MLX_STATE_FILE}.partial.safetensors"
-    mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)), metadata={"iteration": str(it)})
-    tmp.replace(folder / MLX_STATE_FILE)
+    with atomic(folder / MLX_STATE_FILE, suffix=".safetensors") as tmp:  # mlx would append it
+        mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)), metadata={"iteration": str(it)})
 
 
 def restore_checkpoint(folder: Path, model, optimizer) -> int:

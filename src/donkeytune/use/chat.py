@@ -18,16 +18,20 @@ from ..progress import say
 HELP = "/reset starts over, /exit (or Ctrl-D) leaves"
 
 
+def converted_gguf(output_dir: str | Path) -> tuple[Path | None, dict]:
+    """The quantized GGUF `convert` wrote in OUTPUT_DIR/gguf (None when it recorded none), and
+    its record."""
+    meta_file = Path(output_dir) / "gguf" / runinfo.RUN_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return (meta_file.parent / meta["quantized"] if meta.get("quantized") else None), meta
+
+
 def resolve_gguf(opts: RunGGUFOptions) -> tuple[Path, str | None]:
     """The GGUF to run and the system prompt: --gguf / --system, else what `convert` recorded."""
-    meta_file = Path(opts.output_dir) / "gguf" / runinfo.RUN_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if opts.gguf:
-        path = Path(opts.gguf)
-    elif meta.get("quantized"):
-        path = meta_file.parent / meta["quantized"]
-    else:
-        raise ModelError(f"no converted model in {meta_file.parent}",
+    converted, meta = converted_gguf(opts.output_dir)
+    path = Path(opts.gguf) if opts.gguf else converted
+    if path is None:
+        raise ModelError(f"no converted model in {Path(opts.output_dir) / 'gguf'}",
                          "run `make convert` first, or pass --gguf FILE")
     if not path.is_file():
         raise ModelError(f"GGUF file {path} not found", "run `make convert`, or pass --gguf FILE")

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 from .. import runinfo
-from ..gguf.stage import model_name
 from ..config import ModelOptions
-
-TEST_FILE = "test.json"  # answers of the last `test`, written by infer.run into output/report/
+from ..files import TEST_FILE
+from ..gguf.stage import model_name
 
 
 def read(path: Path) -> dict | None:

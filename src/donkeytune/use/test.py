@@ -7,13 +7,14 @@ tokens: what a user of llama.cpp, Ollama or LM Studio will see. Before it (or wi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import data, device, models, runinfo
 from ..config import TestOptions
 from ..errors import ConfigError
+from ..files import TEST_FILE
 from ..progress import say, status
+from .chat import converted_gguf
 
 
 def default_prompts(data_dir: str | None, n: int) -> list[dict]:
@@ -60,7 +61,7 @@ def run(opts: TestOptions) -> list[dict]:
         results.append(row)
         show(row)
     counts = summarize(results)
-    runinfo.write_json(Path(opts.output_dir) / "report" / "test.json",
+    runinfo.write_json(Path(opts.output_dir) / "report" / TEST_FILE,
                        dict(engine=engine, results=results, **counts))
     return results
 
@@ -71,11 +72,8 @@ def _converted_gguf(opts: TestOptions) -> Path | None:
     if opts.gguf:
         path = Path(opts.gguf)
     else:
-        meta = Path(opts.output_dir) / "gguf" / runinfo.RUN_FILE
-        if not meta.is_file():
-            return None
-        path = meta.parent / json.loads(meta.read_text())["quantized"]
-        if not path.is_file():
+        path, _ = converted_gguf(opts.output_dir)
+        if path is None or not path.is_file():
             return None
     runinfo.check_gguf_current(path, opts.output_dir)  # a GGUF of an earlier training: refused
     return path

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 512  # positions at a time: the head is read once per CHUNK labelled positions
-BLOCK = 4096  # vocabulary rows at a time: CHUNK x BLOCK float32 logits (8 MB)
+from .sizes import BLOCK, CHUNK
 
 
 class _HeadLoss(torch.autograd.Function):

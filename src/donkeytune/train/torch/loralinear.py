@@ -32,6 +32,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ... import device
 from .dropout import dropped_positions, scale_and_zero
 from .headloss import linear_packed as _linear_packed
 
@@ -218,14 +219,6 @@ def _pack_head(head, mapped: list[tuple[int, int]]) -> bool:
     return True
 
 
-def _trim() -> None:
-    """Hand the heap's free pages back (glibc): packing from a transposed view leaves a
-    temporary copy of each weight behind, 260 MB for Qwen2.5-0.5B's head W^T."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 def _frozen_forward(self, x):
     return _linear_packed(x.to(torch.bfloat16), getattr(self, PACKED)[0], self.bias)
 
@@ -266,7 +259,9 @@ def packed(model):
     except (RuntimeError, TypeError):  # a layer oneDNN will not take: train with plain weights
         _unpack(done)
         done = []
-    _trim()
+    # packing from a transposed view leaves a copy of each weight on the heap (260 MB for
+    # Qwen2.5-0.5B's head W^T): hand it back
+    device.trim_memory()
     try:
         yield
     finally:
