@@ -116,17 +116,11 @@ def _bound_generation(llama, model_lock: threading.Lock) -> None:
         if kw.get("stream") and kw.get("logprobs") is None and not kw.get("echo"):
             return stream(llama, original, prompt, kw, model_lock, bound)
         with model_lock:
+            from .serve_stream import _finish  # noqa: PLC0415
+
             return _finish(original(prompt, **kw), bound)
 
     llama.create_completion = create_completion
-
-
-def _finish(result, bound: _Bound):
-    """finish_reason "length" when our bound, not a stop, ended it."""
-    if bound.max_tokens is not None and bound.calls > bound.max_tokens:
-        for choice in result.get("choices", []):
-            choice["finish_reason"] = "length"
-    return result
 
 
 def _check_port_free(host: str, port: int) -> None:

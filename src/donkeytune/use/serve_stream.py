@@ -57,9 +57,16 @@ async def run_cancellable(app, scope, receive, send, body: bytes) -> None:
         CANCEL.reset(token)
 
 
+def _finish(result, bound):
+    """finish_reason "length" when our bound, not a stop, ended it."""
+    if bound.max_tokens is not None and bound.calls > bound.max_tokens:
+        for choice in result.get("choices", []):
+            choice["finish_reason"] = "length"
+    return result
+
+
 def stream(llama, original, prompt, kw: dict, model_lock: threading.Lock, bound):
     """Chunks like llama-cpp-python's streamed completion, in time linear in the tokens."""
-    from .serve import _finish  # noqa: PLC0415
 
     pieces: queue.Queue = queue.Queue()
     kw = dict(kw, stream=False)
