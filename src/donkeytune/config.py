@@ -18,6 +18,7 @@ from . import files
 from .errors import ConfigError
 from .files import OUT_TYPES
 from .data.formats import FORMATS
+from .files import ADAPTER_FILE, BEST_DIR
 
 ENV_PREFIX = "DONKEYTUNE_"
 # The seed's defaults, the `seed` recipe (recipe.py chooses the others)
@@ -190,6 +191,12 @@ class TrainOptions(ModelOptions, ExporterOptions):
     steps_per_report: int = opt(10, "a report line every N steps")
     steps_per_eval: int = opt(50, "validation every N steps (and at the start and the end)")
     val_batches: int = opt(25, "validation batches per evaluation (-1 = the whole split)")
+    early_stop: int | None = opt(None, "stop after N evaluations without a lower validation loss "
+                                 "(the adapter of the lowest is kept in adapters/best either way)",
+                                 env="EARLY_STOP")
+    eval_questions: bool = opt(False, "at each evaluation also answer the held-out questions of "
+                               "DATA_DIR/questions.jsonl (greedy, short answers) and count the "
+                               "keywords found", env="EVAL_QUESTIONS")
     save_every: int = opt(100, "checkpoint every N steps", env="SAVE_EVERY")
     resume_from: str | None = opt(None, "start from this adapter's weights (file or folder): "
                                   "a new run with fresh optimizer", env="RESUME_FROM")
@@ -260,6 +267,8 @@ class TrainOptions(ModelOptions, ExporterOptions):
         _check(self.scale is None or self.scale > 0, f"SCALE must be positive, got {self.scale}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.max_seq_length >= 16, f"max_seq_length must be at least 16, got {self.max_seq_length}")
+        _check(self.early_stop is None or self.early_stop > 0,
+               f"EARLY_STOP must be a positive number of evaluations, got {self.early_stop}")
         for name in ("steps_per_report", "steps_per_eval", "save_every"):
             _check(getattr(self, name) > 0, f"{name} must be positive")
         _check(not (self.resume and self.resume_from),
@@ -294,14 +303,28 @@ class TrainOptions(ModelOptions, ExporterOptions):
 
 
 @dataclass
-class FuseOptions(ModelOptions):
+class AdapterChoice(ModelOptions):
+    """Which of the trained adapters the later stages take: the best or the last."""
+
+    use_last: bool = opt(False, "use the adapter of the last iteration instead of the one of the "
+                         "lowest validation loss (adapters/best)", env="USE_LAST")
+
+    @property
+    def chosen_adapter(self) -> Path:
+        """adapters/best when training kept one, unless --use-last; else adapters/."""
+        best = self.adapter_dir / BEST_DIR
+        return self.adapter_dir if self.use_last or not (best / ADAPTER_FILE).is_file() else best
+
+
+@dataclass
+class FuseOptions(AdapterChoice):
     dtype: str = opt("auto", "dtype of the fused weights, merged in float32 either way: auto (the "
                      "base model's, bf16 for most: half the disk of float32), float32, bfloat16 "
                      "or float16", env="FUSE_DTYPE", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass
-class TestOptions(ModelOptions):
+class TestOptions(AdapterChoice):
     __test__ = False  # not a pytest test class
     prompt: str | None = opt(None, "one prompt instead of the default ones", env="PROMPT")
     num_prompts: int = opt(3, "how many default prompts (held-out questions of the data, "

@@ -13,6 +13,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # PEFT's LoraConfig
 SEED_ADAPTER_FILE = "adapters.safetensors"  # the name the seed's RESUME_FROM paths use
 STATE_FILE = "trainer_state.pt"  # a torch checkpoint's optimizer and random state
 MLX_STATE_FILE = "mlx_state.safetensors"  # an MLX checkpoint's optimizer state
+BEST_DIR = "best"  # adapters/best: the adapter of the lowest validation loss
 TEST_FILE = "test.json"  # `donkeytune test`'s answers, in output/report/
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what our exporter writes (gguf/tensors.py)

@@ -24,15 +24,16 @@ def run(opts: FuseOptions) -> Path:
     out = opts.fused_dir
     dtype = opts.dtype if opts.dtype != "auto" else base_dtype(base_dir)
     memory.check_model_write(base_dir, out.parent, [dtype], "the fused model")
-    with status(f"Fusing {opts.adapter_dir} into {run_info['base_model']}"):
+    adapter = opts.chosen_adapter  # adapters/best unless --use-last
+    with status(f"Fusing {adapter} ({_which(adapter)}) into {run_info['base_model']}"):
         # Merge in float32: a small LoRA delta added to bf16 weights would be rounded away.
         base = device.load_model(base_dir, "cpu", torch.float32,
                                  trust_remote_code=opts.trust_remote_code)
         before = {k: v.clone() for k, v in base.state_dict().items() if "layers" in k}
-        model = PeftModel.from_pretrained(base, opts.adapter_dir).merge_and_unload()
+        model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         changed = sum(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
         if changed == 0:
-            raise ModelError(f"fusing {opts.adapter_dir} changed no weight: the adapter is empty "
+            raise ModelError(f"fusing {adapter} changed no weight: the adapter is empty "
                              "(all-zero lora_B) or was not applied",
                              "train for more iterations, or check RESUME_FROM")
         model.to(getattr(torch, dtype))
@@ -47,14 +48,17 @@ def run(opts: FuseOptions) -> Path:
                 shutil.copyfile(base_dir / extra, tmp / extra)
         runinfo.write_json(tmp / runinfo.RUN_FILE, runinfo.run_record(
             "fuse", opts, base_model=run_info["base_model"], base_model_path=str(base_dir),
-            base_fingerprint=run_info["base_fingerprint"], adapter=str(opts.adapter_dir),
-            adapter_fingerprint=runinfo.file_fingerprint(opts.adapter_dir / ADAPTER_FILE),
+            base_fingerprint=run_info["base_fingerprint"], adapter=str(adapter),
+            adapter_iteration=runinfo.read_run(adapter).get("iteration"),
+            adapter_fingerprint=runinfo.adapter_fingerprint(adapter),
             dtype=dtype, changed_tensors=changed, system_prompt=run_info.get("system_prompt"),
             data_dir=run_info.get("data_dir")))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     say(f"Fused model written to {out}/ ({dtype}, {changed} weight tensors changed)")
+    if adapter != opts.adapter_dir:
+        say("  (the adapter of the lowest validation loss; --use-last / USE_LAST=1 fuses the last one)")
     return out
 
 
@@ -70,3 +74,11 @@ def _config(folder: Path) -> dict:
     import json  # noqa: PLC0415
 
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def _which(adapter: Path) -> str:
+    """Which adapter it is, for the message: the lowest validation loss or the last."""
+    run = runinfo.read_run(adapter)
+    if run.get("best"):
+        return f"lowest validation loss {run.get('best_val_loss', float('nan')):.3f}, iteration {run.get('iteration')}"
+    return f"last, iteration {run.get('iteration')}"

@@ -1,7 +1,8 @@
 """Tables and summaries printed for the user; the run report in output/report/.
 
 The report: metrics.jsonl (written line by line by train.Reporter), loss.png, summary.md, and
-the diagnosis of the seed's table (overfitting, under-training, unstable) printed at the end.
+the diagnosis of the seed's table (overfitting, under-training, unstable, memorised, poor results,
+slow) printed at the end.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .files import atomic, write_atomic
+from .files import BEST_DIR, atomic, write_atomic
 from .models import ARCHITECTURES, KNOWN_MODELS
 from .progress import say, warn
 
 UNDERTRAINED = 0.5  # the seed's table: train loss still above this at the end = under-trained
 RISE = 1.03  # validation counts as rising once 3 % above its lowest point
 JUMP = 1.10  # a report-to-report rise of 10 % in train loss is a jump
+NEAR_ZERO = 0.05  # train loss below this: the examples are known by heart
+POOR_ANSWERS = 0.5  # under half of the held-out questions answered: poor
+POOR_VAL = 1.5  # without questions: a lowest validation loss above this is poor (above 0.5 after
+# a train loss near zero: memorised); on examples/facts a run that answers 13/16 ends near 0.4
+SLOW_SECONDS = 30 * 60  # a run longer than this is slow enough to say how to shorten it
 
 
 # ---------------------------------------------------------------- models
@@ -79,19 +85,31 @@ def print_table(rows) -> None:
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     """{"train_loss": [(iter, loss)], "val_loss": [...], "step_loss": [...]} of metrics.jsonl."""
-    out: dict[str, list] = {"train_loss": [], "val_loss": [], "step_loss": [], "tokens_per_sec": []}
+    out: dict[str, list] = {"train_loss": [], "val_loss": [], "step_loss": [], "tokens_per_sec": [],
+                            "questions": [], "early_stop": []}
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             for key in out:
-                if key in row:
+                if key in row and key not in ("questions", "early_stop"):
                     out[key].append((row["iter"], row[key]))
+            if "questions_found" in row:  # (iter, found, total)
+                out["questions"].append((row["iter"], row["questions_found"], row["questions_total"]))
+            if row.get("early_stop"):
+                out["early_stop"].append((row["iter"], row["best_iteration"]))
     return out
+
+
+def best_of(valid: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """The evaluation training kept in adapters/best: the lowest validation loss after
+    iteration 0 (the first of equals)."""
+    trained = [(it, loss) for it, loss in valid if it > 0]
+    return min(trained, key=lambda p: p[1]) if trained else None
 
 
 @dataclass
 class Finding:
-    kind: str  # overfitting, under-training, unstable, healthy
+    kind: str  # overfitting, under-training, unstable, memorised, poor results, slow, healthy
     message: str
     fix: str = ""
 
@@ -107,8 +125,11 @@ def rising_from(valid: list[tuple[int, float]]) -> int | None:
 
 
 def diagnose(train: list[tuple[int, float]], valid: list[tuple[int, float]], lr: float | None = None,
-             iters: int | None = None) -> list[Finding]:
-    """The seed's table: overfitting, under-training, unstable; or healthy."""
+             iters: int | None = None, *, questions=(), seconds: float | None = None,
+             opts=None) -> list[Finding]:
+    """The seed's table: overfitting, under-training, unstable, memorised, poor results, slow;
+    or healthy. `questions`: (iter, found, total) of --eval-questions; `seconds`: the run's
+    duration; `opts`: the run's options, for the fixes that name them."""
     found = []
     turn = rising_from(valid)
     if turn is not None and train:
@@ -118,7 +139,8 @@ def diagnose(train: list[tuple[int, float]], valid: list[tuple[int, float]], lr:
             found.append(Finding(
                 "overfitting", f"validation loss rose from {low:.3f} (iter {turn}) to {valid[-1][1]:.3f} "
                 f"while train loss fell to {train[-1][1]:.3f}",
-                f"stop at the lowest validation loss: ITERS={turn}; or lower LR, or add more data"))
+                f"the adapter of iter {turn} is kept in adapters/best (fuse and convert use it); "
+                f"next time ITERS={turn} or EARLY_STOP=2; or lower LR, or add more data"))
     if train and train[-1][1] > UNDERTRAINED:
         more = f"ITERS={iters * 2}" if iters else "a higher ITERS"
         found.append(Finding(
@@ -132,9 +154,55 @@ def diagnose(train: list[tuple[int, float]], valid: list[tuple[int, float]], lr:
         found.append(Finding(
             "unstable", f"train loss {what} (oscillating)",
             "lower LR" + (f" (LR={lr / 2:g})" if lr else "") + ", or raise BATCH_SIZE"))
+    found += _held_out_findings(train, valid, list(questions), found)
+    if seconds is not None and seconds > SLOW_SECONDS:
+        found.append(_slow(seconds, opts))
     if not found:
         found.append(Finding("healthy", "train and validation loss fell together", "no change needed"))
     return found
+
+
+def _held_out_findings(train, valid, questions, found) -> list[Finding]:
+    """Memorised (train loss near zero, held-out answers poor) and poor results overall (the
+    training data fitted, the held-out answers still poor), from the held-out questions when
+    the run asked them, else from the validation loss."""
+    if not train or any(f.kind == "under-training" for f in found):
+        return []
+    end = train[-1][1]
+    if questions:
+        last, top = questions[-1], max(questions, key=lambda q: q[1])
+        poor_end = last[1] < POOR_ANSWERS * last[2]
+        poor_best = top[1] < POOR_ANSWERS * top[2]
+        at_end = f"{last[1]}/{last[2]} held-out questions answered at iter {last[0]}"
+        at_best = f"at best {top[1]}/{top[2]} held-out questions answered (iter {top[0]})"
+    elif valid:
+        low = best_of(valid) or valid[-1]
+        poor_end = valid[-1][1] > 10 * NEAR_ZERO
+        poor_best = low[1] > POOR_VAL
+        at_end = f"validation loss {valid[-1][1]:.3f} at iter {valid[-1][0]}"
+        at_best = f"the lowest validation loss is {low[1]:.3f} (iter {low[0]})"
+    else:
+        return []
+    if end < NEAR_ZERO and poor_end:
+        return [Finding("memorised", f"train loss is {end:.3f}, near zero, while {at_end}: the "
+                        "examples are known by heart, not what they say",
+                        "fewer iterations (ITERS), or more varied data (each fact or skill in "
+                        "several phrasings)")]
+    if poor_best:
+        return [Finding("poor results", f"train loss fell to {end:.3f}, but {at_best}",
+                        "more data (more examples, more varied), or a bigger model "
+                        "(`donkeytune models` lists those that fit here)")]
+    return []
+
+
+def _slow(seconds: float, opts) -> Finding:
+    fix = "fewer layers (NUM_LAYERS), a smaller batch (BATCH_SIZE) or a shorter MAX_SEQ_LENGTH"
+    if opts is not None and getattr(opts, "num_layers", None):
+        fix = (f"fewer layers (NUM_LAYERS={max(opts.num_layers // 2, 1)}; now {opts.num_layers}), a "
+               f"smaller batch (BATCH_SIZE={max(opts.batch_size // 2, 1)}; now {opts.batch_size}) or a "
+               f"shorter MAX_SEQ_LENGTH (now {opts.max_seq_length}; `donkeytune data stats` shows "
+               "the lengths)")
+    return Finding("slow", f"the run took {_duration(seconds)} (over {SLOW_SECONDS // 60} min)", fix)
 
 
 # ---------------------------------------------------------------- files
@@ -156,6 +224,9 @@ def plot_loss(metrics: dict, png: Path, title: str = "") -> Path:
     if metrics["val_loss"]:
         xs, ys = zip(*metrics["val_loss"])
         ax.plot(xs, ys, "o-", color="tab:orange", linewidth=2, label="validation")
+    best = best_of(metrics["val_loss"])
+    if best is not None:
+        ax.plot(*best, "*", color="tab:green", markersize=14, label=f"best (iter {best[0]}, adapters/best)")
     turn = rising_from(metrics["val_loss"])
     if turn is not None:
         ax.axvline(turn, color="tab:red", linestyle="--", linewidth=1)
@@ -193,6 +264,7 @@ def summary_markdown(opts, meta: dict, metrics: dict, findings: list[Finding], s
         + (f"{sum(tps) / len(tps):.1f} average" if tps else "-"),
         f"- **Final losses**: train {fmt(last_train)}, validation {fmt(last_val)}"
         + (f" (lowest {min(v for _, v in metrics['val_loss']):.3f})" if metrics["val_loss"] else ""),
+        *_adapter_lines(opts, metrics),
         "", "## Diagnosis", "",
         *[f"- **{f.kind}**: {f.message}" + (f". Suggested: {f.fix}." if f.fix else "") for f in findings],
         "", "## Files", "",
@@ -210,6 +282,38 @@ def summary_markdown(opts, meta: dict, metrics: dict, findings: list[Finding], s
     return "\n".join(lines)
 
 
+def _adapter_lines(opts, metrics: dict) -> list[str]:
+    """Which adapter is the best, which the last, which of them fuse and convert take."""
+    valid = metrics["val_loss"]
+    last_it = max((it for key in ("train_loss", "val_loss") for it, _ in metrics[key]), default=None)
+    asked = {it: (n, total) for it, n, total in metrics["questions"]}
+
+    def answered(it):
+        return f", {asked[it][0]}/{asked[it][1]} held-out questions" if it in asked else ""
+
+    lines = []
+    if metrics["early_stop"]:
+        it, best_it = metrics["early_stop"][-1]
+        lines.append(f"- **Early stop**: at iter {it}, {opts.early_stop} evaluations after the "
+                     f"lowest validation loss (iter {best_it})")
+    best = best_of(valid)
+    last_val = dict(valid).get(last_it)
+    last = f"iter {last_it}" + (f", validation {last_val:.3f}" if last_val is not None else "") \
+        + answered(last_it)
+    if best is None:
+        return lines + [f"- **Adapter**: the last (`{opts.adapter_dir}/`, {last}); no validation "
+                        "to choose a best by"]
+    lines += [f"- **Best adapter** (used by fuse and convert): `{opts.adapter_dir}/best/`, iter "
+              f"{best[0]}, validation {best[1]:.3f}{answered(best[0])}",
+              f"- **Last adapter** (`--use-last`): `{opts.adapter_dir}/`, {last}"]
+    if asked:
+        top = max(metrics["questions"], key=lambda q: q[1])
+        lines.append("- **Held-out questions** (greedy, at each evaluation): "
+                     + ", ".join(f"{n}/{t} at {it}" for it, n, t in metrics["questions"])
+                     + f"; most at iter {top[0]}")
+    return lines
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -220,9 +324,12 @@ def finish(opts, meta: dict) -> list[Finding]:
     """End of training: loss.png, summary.md, the diagnosis printed, trackers fed."""
     folder = Path(opts.output_dir) / "report"
     metrics = read_metrics(folder / "metrics.jsonl")
-    findings = diagnose(metrics["train_loss"], metrics["val_loss"], opts.lr, opts.iters)
     seconds = _since(meta.get("created"))
+    findings = diagnose(metrics["train_loss"], metrics["val_loss"], opts.lr, opts.iters,
+                        questions=metrics["questions"], seconds=seconds, opts=opts)
     files = sorted(p for p in Path(opts.adapter_dir).iterdir() if p.is_file())
+    best_dir = Path(opts.adapter_dir) / BEST_DIR
+    files += sorted(p for p in best_dir.iterdir() if p.is_file()) if best_dir.is_dir() else []
     written = [folder / "metrics.jsonl"]
     try:
         written.append(plot_loss(metrics, folder / "loss.png", f"{meta.get('base_model')}: "

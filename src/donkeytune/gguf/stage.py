@@ -75,7 +75,7 @@ def _fused_is_current(opts: ConvertOptions) -> bool:
     if not fused_run.is_file():
         return False
     recorded = json.loads(fused_run.read_text())
-    return (recorded.get("adapter_fingerprint") == runinfo.adapter_fingerprint(opts.adapter_dir)
+    return (recorded.get("adapter_fingerprint") == runinfo.adapter_fingerprint(opts.chosen_adapter)
             and recorded.get("options", {}).get("dtype") == opts.dtype)
 
 

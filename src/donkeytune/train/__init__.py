@@ -9,17 +9,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from .. import data, device, models, report, runinfo
 from ..config import TrainOptions
 from ..errors import ConfigError, DonkeyError, ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, SEED_ADAPTER_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, BEST_DIR, SEED_ADAPTER_FILE
 from ..progress import say, warn
 from . import distributed, engines, memory, recipe
 from .adapter import checkpoints, latest_checkpoint
-from .loop import Job
+from .loop import Best, Job
 
 
 def run(opts: TrainOptions) -> Path:
@@ -90,8 +91,25 @@ def _job(opts, folder, dataset, setup, checkpoint, resume, group) -> Job:
         resumed_from=str(resume) if resume else None, lora_alpha=opts.lora_alpha,
         train_examples=len(train_set), valid_examples=len(valid_set), **setup.record)
     meta["versions"].update(setup.versions)
+    best = Best.of(runinfo.read_run(checkpoint)) if checkpoint else Best()
+    if not checkpoint and (group is None or group.main):  # a new run: an older run's best goes
+        shutil.rmtree(opts.adapter_dir / BEST_DIR, ignore_errors=True)
     return Job(opts, folder, setup, tok.pad_token_id, train_set, valid_set, meta, checkpoint, resume,
-               group)
+               group, best, _questions(opts, valid_set), tok)
+
+
+def _questions(opts: TrainOptions, valid_set) -> list[dict]:
+    """The held-out questions --eval-questions asks at each evaluation."""
+    if not opts.eval_questions:
+        return []
+    questions = [q for q in data.load_questions(opts.data_dir) if q["keyword"]]
+    if not questions:
+        warn(f"--eval-questions: {opts.data_dir}/questions.jsonl has no questions with keywords; "
+             "only the validation loss is measured")
+    elif not valid_set:
+        warn("--eval-questions: the questions are asked at each evaluation, and without "
+             "valid.jsonl there is none")
+    return questions
 
 
 def _recorded_options(checkpoint: Path, given: TrainOptions) -> TrainOptions:

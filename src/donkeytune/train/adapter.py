@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import runinfo
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_FILE, MLX_STATE_FILE, SEED_ADAPTER_FILE, STATE_FILE, atomic
+from ..files import ADAPTER_FILE, BEST_DIR, MLX_STATE_FILE, SEED_ADAPTER_FILE, STATE_FILE, atomic
 from ..progress import say
 
 
@@ -118,6 +118,13 @@ def save_adapter(model, adapter_dir: Path, meta: dict, checkpoint: int | None = 
             with atomic(target / f.name) as tmp_file:
                 shutil.copyfile(f, tmp_file)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_best(model, adapter_dir: Path, meta: dict) -> Path:
+    """The adapter of the lowest validation loss so far, in adapters/best (what fuse and
+    convert take unless --use-last); adapters/ itself keeps the last."""
+    save_adapter(model, Path(adapter_dir) / BEST_DIR, dict(meta, best=True))
+    return Path(adapter_dir) / BEST_DIR
 
 
 def load_adapter_weights(model, source: Path) -> None:

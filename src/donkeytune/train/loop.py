@@ -53,6 +53,43 @@ class Job:
     checkpoint: Path | None = None  # a checkpoint to continue exactly (--resume)
     resume: Path | None = None  # adapter weights to start from (RESUME_FROM)
     group: object = None  # distributed.Group when this is one of several workers
+    best: Best = field(default_factory=lambda: Best())  # the lowest validation loss so far
+    questions: list = field(default_factory=list)  # held-out questions to ask (--eval-questions)
+    tokenizer: object = None  # the HF tokenizer, for asking them
+
+
+@dataclass
+class Best:
+    """The evaluation of the lowest validation loss so far, and how many came after it
+    (for --early-stop). Its record goes into every saved run record, so a resumed run
+    goes on comparing with it."""
+
+    iteration: int | None = None
+    loss: float = math.inf
+    stale: int = 0  # evaluations since the best
+
+    def update(self, it: int, loss: float) -> bool:
+        """Count one evaluation; True when it is a new best (iteration 0, the untrained
+        adapter, never is: there is nothing to keep)."""
+        if it > 0 and loss < self.loss:
+            self.iteration, self.loss, self.stale = it, loss, 0
+            return True
+        if self.iteration is not None:
+            self.stale += 1
+        return False
+
+    def record(self) -> dict:
+        if self.iteration is None:
+            return {}
+        return {"best_iteration": self.iteration, "best_val_loss": self.loss,
+                "evals_since_best": self.stale}
+
+    @classmethod
+    def of(cls, record: dict) -> Best:
+        """The Best a saved run record holds (a checkpoint being resumed)."""
+        if record.get("best_iteration") is None:
+            return cls()
+        return cls(record["best_iteration"], record["best_val_loss"], record.get("evals_since_best", 0))
 
 
 class Diverged(DonkeyError):
@@ -65,7 +102,7 @@ class QuietReporter:
     def train(self, *args):
         pass
 
-    valid = tick = train
+    valid = tick = questions = stopped = train
 
     def close(self):
         pass
@@ -96,9 +133,19 @@ class Reporter:
                     f"Peak mem {device.peak_memory_gb(self.device):.3f} GB")
         self._record(iter=it, train_loss=loss, lr=lr, its=its, tokens_per_sec=tps)
 
-    def valid(self, it, loss, seconds):
-        self._print(f"Iter {it}: Val loss {loss:.3f}, Val took {seconds:.3f}s")
-        self._record(iter=it, val_loss=loss)
+    def valid(self, it, loss, seconds, best=False):
+        self._print(f"Iter {it}: Val loss {loss:.3f}, Val took {seconds:.3f}s"
+                    + (" (best so far, kept in adapters/best)" if best else ""))
+        self._record(iter=it, val_loss=loss, **({"best": True} if best else {}))
+
+    def questions(self, it, found, total, seconds):
+        self._print(f"Iter {it}: Held-out questions {found}/{total} answered, took {seconds:.1f}s")
+        self._record(iter=it, questions_found=found, questions_total=total)
+
+    def stopped(self, it, best_it, evals):
+        self._print(f"Iter {it}: no lower validation loss in {evals} evaluations since iteration "
+                    f"{best_it}: early stop (EARLY_STOP={evals})")
+        self._record(iter=it, early_stop=True, best_iteration=best_it)
 
     def tick(self, it, loss):
         self._record(iter=it, step_loss=loss)
@@ -128,16 +175,33 @@ class Reporter:
 
 
 def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, start: int = 0,
-         agree=None):
+         agree=None, best: Best | None = None, ask=None):
     """Run steps start+1..iters: report, validate (start, every N, end) and checkpoint.
 
-    Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (status 130).
-    `agree(flag)` makes that stop a joint decision of all workers.
+    Each validation that beats `best` saves the adapter with save(it, best=True); after
+    EARLY_STOP validations without one the run ends there. `ask()` -> (found, total) scores
+    the held-out questions at each validation. Ctrl-C or SIGTERM finishes the current step,
+    saves a checkpoint and exits (status 130); `agree(flag)` makes that stop a joint
+    decision of all workers.
     """
-    if evaluate and start == 0:
+    best = best if best is not None else Best()
+
+    def validate(it) -> bool:  # True: stop early
         t = time.perf_counter()
-        report.valid(0, evaluate(), time.perf_counter() - t)
+        loss = evaluate()
+        improved = best.update(it, loss)
+        report.valid(it, loss, time.perf_counter() - t, best=improved)
+        if improved:
+            save(it, best=True)
+        if ask:
+            t = time.perf_counter()
+            report.questions(it, *ask(), time.perf_counter() - t)
+        return opts.early_stop is not None and best.stale >= opts.early_stop
+
+    if evaluate and start == 0:
+        validate(0)
     losses, tokens, seen, t0 = [], 0, 0, time.perf_counter()
+    last = opts.iters
     with stop_signals() as stop:
         for it in range(start + 1, opts.iters + 1):
             loss, ntok = step(next(batches))
@@ -152,8 +216,12 @@ def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, st
                 losses, tokens, t0 = [], 0, time.perf_counter()
             if evaluate and (it % opts.steps_per_eval == 0 or it == opts.iters):
                 t = time.perf_counter()
-                report.valid(it, evaluate(), time.perf_counter() - t)
+                early = validate(it)
                 t0 += time.perf_counter() - t  # validation time is not training speed
+                if early and it != opts.iters:
+                    report.stopped(it, best.iteration, opts.early_stop)
+                    last = it
+                    break
             if (stop.requested if agree is None else agree(stop.requested)) and it != opts.iters:
                 report.close()
                 save(it)
@@ -165,7 +233,8 @@ def loop(step, batches, evaluate, save, opts: TrainOptions, report: Reporter, st
             if it % opts.save_every == 0 and it != opts.iters:
                 save(it)
     report.close()
-    save(opts.iters, final=True)
+    save(last, final=True)
+    return best
 
 
 class _Stop:

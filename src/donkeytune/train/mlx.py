@@ -21,7 +21,8 @@ from ..config import TrainOptions
 from ..errors import ConfigError, ModelError
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE, atomic
 from ..progress import say
-from .adapter import adapted_blocks, misfit, prune_checkpoints, save_adapter
+from ..use.test import QUESTION_TOKENS, prompt_ids, score_questions
+from .adapter import adapted_blocks, misfit, prune_checkpoints, save_adapter, save_best
 from .engines import MLX_INSTALL, apple_silicon
 from .loop import Job, Reporter, Setup, check_finite, loop, metrics_file
 
@@ -93,16 +94,26 @@ def run(job: Job) -> Path:
 
     adapter = PeftAdapter(model, peft_config(model, opts, folder))
 
-    def save(it: int, final: bool = False):
-        save_adapter(adapter, opts.adapter_dir, dict(job.meta, iteration=it, complete=final),
-                     checkpoint=None if final else it)
+    def save(it: int, final: bool = False, best: bool = False):
+        meta = dict(job.meta, iteration=it, complete=final, **job.best.record())
+        if best:
+            save_best(adapter, opts.adapter_dir, meta)
+            return
+        save_adapter(adapter, opts.adapter_dir, meta, checkpoint=None if final else it)
         if not final:  # the state file comes last: only then is the folder a checkpoint
             save_state(opts.adapter_dir / "checkpoints" / f"{it:07d}", it, optimizer)
         prune_checkpoints(opts.adapter_dir, opts.keep)
 
+    def ask():
+        model.eval()
+        found = score_questions(lambda messages: answer(model, job.tokenizer, messages),
+                                job.questions, job.meta.get("system_prompt"))
+        return found, len(job.questions)
+
     reporter = Reporter(opts.iters, "mlx", metrics_file(opts), start)
     with checkpointed(model, opts.grad_checkpoint):
-        loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start)
+        loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start,
+             best=job.best, ask=ask if job.questions else None)
     return opts.adapter_dir
 
 
@@ -282,6 +293,13 @@ def train_step(model, optimizer, compiled: bool = True):
         return step
     state = [model.state, optimizer.state, mx.random.state]
     return mx.compile(step, inputs=state, outputs=state)
+
+
+def answer(model, tok, messages) -> str:
+    """A greedy answer of at most QUESTION_TOKENS tokens, as use/test.py answers in torch."""
+    from mlx_lm.generate import generate as mlx_generate  # noqa: PLC0415
+
+    return mlx_generate(model, tok, prompt_ids(tok, messages), max_tokens=QUESTION_TOKENS, verbose=False).strip()
 
 
 # ---------------------------------------------------------------- the PEFT adapter

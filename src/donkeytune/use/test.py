@@ -52,8 +52,7 @@ def run(opts: TestOptions) -> list[dict]:
         engine = "torch, base + adapter"
     results = []
     for p in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": p["question"]}]
+        messages = chat_messages(p["question"], system)
         row = {"question": p["question"], "keyword": p["keyword"]}
         row["finetuned"] = answer_tuned(messages)
         if opts.base:
@@ -64,6 +63,21 @@ def run(opts: TestOptions) -> list[dict]:
     runinfo.write_json(Path(opts.output_dir) / "report" / TEST_FILE,
                        dict(engine=engine, results=results, **counts))
     return results
+
+
+def chat_messages(question: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}]
+
+
+QUESTION_TOKENS = 32  # the held-out questions scored during training want short answers
+
+
+def score_questions(answer, questions: list[dict], system: str | None) -> int:
+    """How many of the questions' keywords `answer(messages) -> str` gives (training's
+    --eval-questions and the fidelity check score as `test` does)."""
+    return sum(bool(hit(answer(chat_messages(q["question"], system)), q["keyword"]))
+               for q in questions if q.get("keyword"))
 
 
 # ---------------------------------------------------------------- llama.cpp (GGUF)
@@ -127,10 +141,10 @@ def _torch_answerers(base_dir: Path, run_info: dict, opts: TestOptions):
 
     dev = device.pick_device("auto")
     tok = device.load_tokenizer(base_dir, trust_remote_code=opts.trust_remote_code)
-    with status(f"Loading {run_info['base_model']} with the adapter from {opts.adapter_dir}"):
+    with status(f"Loading {run_info['base_model']} with the adapter from {opts.chosen_adapter}"):
         base = device.load_model(base_dir, dev, device.pick_dtype("auto", dev),
                                  trust_remote_code=opts.trust_remote_code)
-        model = PeftModel.from_pretrained(base, opts.adapter_dir).eval()
+        model = PeftModel.from_pretrained(base, opts.chosen_adapter).eval()
 
     def tuned(messages):
         return generate(model, tok, messages, opts.max_tokens, dev)
@@ -145,13 +159,18 @@ def _torch_answerers(base_dir: Path, run_info: dict, opts: TestOptions):
 def generate(model, tok, messages, max_tokens: int, dev: str) -> str:
     import torch  # noqa: PLC0415
 
+    ids = torch.tensor([prompt_ids(tok, messages)], device=dev)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def prompt_ids(tok, messages) -> list[int]:
+    """The chat template's prompt as token ids, with BOS once (the template's or the tokenizer's)."""
     text = data.render(tok, messages, add_generation_prompt=True)
     add_special = not (tok.bos_token and text.startswith(tok.bos_token))
-    enc = tok(text, return_tensors="pt", add_special_tokens=add_special).to(dev)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tok(text, add_special_tokens=add_special)["input_ids"]
 
 
 # ---------------------------------------------------------------- output

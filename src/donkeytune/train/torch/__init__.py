@@ -87,14 +87,24 @@ def run(job: Job):
         return evaluate_loss(model, valid_set, opts.batch_size, opts.val_batches, pad, dev, cache,
                              shard, group.sum if group else None)
 
-    def save(it: int, final: bool = False):
+    def save(it: int, final: bool = False, best: bool = False):
         if group is None or group.main:  # one set of files
-            save_adapter(model, opts.adapter_dir, dict(job.meta, iteration=it, complete=final),
-                         checkpoint=None if final else it,
-                         state=None if final else trainer_state(it, optimizer, shard[1]))
-            prune_checkpoints(opts.adapter_dir, opts.keep)
+            meta = dict(job.meta, iteration=it, complete=final, **job.best.record())
+            if best:
+                save_best(model, opts.adapter_dir, meta)
+            else:
+                save_adapter(model, opts.adapter_dir, meta, checkpoint=None if final else it,
+                             state=None if final else trainer_state(it, optimizer, shard[1]))
+                prune_checkpoints(opts.adapter_dir, opts.keep)
         if group:
             group.barrier()
+
+    def ask():
+        with _compute_dtype(model.get_base_model(), dev):
+            found = score_questions(lambda messages: generate(model, job.tokenizer, messages,
+                                                              QUESTION_TOKENS, dev),
+                                    job.questions, job.meta.get("system_prompt"))
+        return found, len(job.questions)
 
     reporter = Reporter(opts.iters, dev, metrics_file(opts), start) if not group or group.main \
         else QuietReporter()
@@ -102,7 +112,8 @@ def run(job: Job):
     with contextlib.nullcontext() if opts.fsdp else loralinear.packed(model):  # FSDP owns the weights
         if cache and start:  # with the weights as the interrupted run had them
             refill_prefix_cache(cache, model, train_set, opts, pad, dev, start, shard)
-        loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start, agree)
+        loop(step, batches, evaluate if valid_set else None, save, opts, reporter, start, agree,
+             job.best, ask if job.questions and group is None else None)
     return opts.adapter_dir
 
 
