@@ -14,7 +14,8 @@ from ...config import TrainOptions
 from ...errors import ConfigError
 from ...progress import say
 from .. import distributed, recipe
-from ..adapter import (load_adapter_weights, prune_checkpoints, restore_checkpoint, save_adapter,
+from ...use.test import QUESTION_TOKENS, generate, score_questions
+from ..adapter import (load_adapter_weights, prune_checkpoints, restore_checkpoint, save_adapter, save_best,
                        trainer_state)
 from ..loop import Job, QuietReporter, Reporter, Setup, check_finite, loop, metrics_file
 
