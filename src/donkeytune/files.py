@@ -15,6 +15,7 @@ STATE_FILE = "trainer_state.pt"  # a torch checkpoint's optimizer and random sta
 MLX_STATE_FILE = "mlx_state.safetensors"  # an MLX checkpoint's optimizer state
 BEST_DIR = "best"  # adapters/best: the adapter of the lowest validation loss
 TEST_FILE = "test.json"  # `donkeytune test`'s answers, in output/report/
+LOCK_FILE = ".donkeytune.lock"  # held (flock) by the train run writing an adapter folder
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what our exporter writes (gguf/tensors.py)
 # llama.cpp's quantization types: name -> (llama_ftype number, bytes per weight in the file)
@@ -42,3 +43,17 @@ def write_atomic(path: Path, text: str) -> Path:
     with atomic(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def check_not_input(out, source, what: str = "output") -> None:
+    """Refuse an output that would overwrite its own input: the input file itself, or a file
+    of the input folder. Checked before anything is written."""
+    from .errors import ConfigError  # noqa: PLC0415
+
+    out, source = Path(out), Path(source)
+    same = out.exists() and source.exists() and os.path.samefile(out, source)
+    inside = source.is_dir() and out.exists() and out.resolve().is_relative_to(source.resolve())
+    if same or inside:
+        where = "is the input itself" if same else f"is a file of the input folder {source}"
+        raise ConfigError(f"the {what} {out} {where}: writing it would destroy the input",
+                          "give an output path outside the input, e.g. output/gguf/model.gguf")

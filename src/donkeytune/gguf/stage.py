@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import runinfo
 from ..config import ConvertOptions, ExportAdapterOptions, ExportOptions, QuantizeOptions
+from ..files import check_not_input
 from ..progress import say, status
 from ..train import memory
 
@@ -82,6 +83,7 @@ def _fused_is_current(opts: ConvertOptions) -> bool:
 def run_export(opts: ExportOptions) -> Path:
     from .. import gguf  # noqa: PLC0415
 
+    check_not_input(opts.out, opts.hf_dir, "GGUF file")
     memory.check_model_write(Path(opts.hf_dir), Path(opts.out).parent, [opts.outtype], "the GGUF file")
     say(_export_plan(Path(opts.hf_dir), opts.exporter).line)
     with status(f"Exporting {opts.hf_dir} to {opts.out} ({opts.outtype})"):
@@ -104,6 +106,7 @@ def _export_plan(hf_dir: Path, exporter: str):
 def run_quantize(opts: QuantizeOptions) -> Path:
     from . import quantize  # noqa: PLC0415
 
+    check_not_input(opts.output, opts.input, "quantized GGUF")
     memory.check_model_write(Path(opts.input), Path(opts.output).parent, [opts.type],
                              "the quantized GGUF")
     with status(f"Quantizing {opts.input} to {opts.type}"):
