@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import DataError, ModelError
@@ -32,20 +35,71 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = CHATML
 
 
+RENDER_SECONDS = 2.0  # one conversation renders in milliseconds; a hostile template loops for ever
+MAX_OUTPUT = 4_000_000  # characters one rendering may produce
+
+
+class TemplateTimeout(Exception):
+    pass
+
+
+@contextmanager
+def bounded(seconds: float = RENDER_SECONDS):
+    """Stop a Jinja template that runs past `seconds`: a line tracer on the template's own frames
+    (compiled templates run as code from "<template>"), so nested loops cannot hang the tool."""
+    deadline = time.monotonic() + seconds
+    old = sys.gettrace()
+
+    def line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateTimeout(f"the template ran longer than {seconds:g} s")
+        return line
+
+    def call(frame, event, arg):
+        if frame.f_code.co_filename == "<template>":
+            return line(frame, event, arg)
+        if time.monotonic() > deadline:
+            raise TemplateTimeout(f"the template ran longer than {seconds:g} s")
+        return None
+
+    sys.settrace(call)
+    try:
+        yield
+    finally:
+        sys.settrace(old)
+
+
+def unsafe(reason) -> ModelError:
+    return ModelError(f"the model's chat template tried something unsafe and was stopped: {reason}",
+                      "use a model whose tokenizer_config.json / chat_template.jinja you trust")
+
+
 def render(tokenizer, messages, add_generation_prompt=False) -> str:
-    """The model's chat template applied to `messages` (transformers renders it in a sandbox)."""
+    """The model's chat template applied to `messages` (transformers renders it in a sandbox;
+    time, range sizes and output length are bounded here)."""
     import jinja2  # noqa: PLC0415
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        with bounded():
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+    except TemplateTimeout as e:
+        raise unsafe(e) from None
     except jinja2.exceptions.SecurityError as e:
-        raise ModelError(f"the model's chat template tried something unsafe and was stopped: {e}",
-                         "use a model whose tokenizer_config.json / chat_template.jinja you trust") from None
+        raise unsafe(e) from None
+    except (OverflowError, MemoryError, RecursionError) as e:
+        raise unsafe(str(e) or type(e).__name__) from None
+    except TypeError as e:
+        if "loader" in str(e):  # {% include %} / {% import %}: the sandbox has no files to give
+            raise unsafe("it includes or imports other templates") from None
+        raise
     except jinja2.exceptions.TemplateError as e:
         raise ModelError(f"the model's chat template failed on a conversation: {e}",
                          "check the roles of the conversation (some templates require "
                          "user/assistant alternation), or fix the template") from None
+    if isinstance(text, str) and len(text) > MAX_OUTPUT:
+        raise unsafe(f"it produced more than {MAX_OUTPUT:,} characters for one conversation")
+    return text
 
 
 def tokenize(tokenizer, messages: list[dict], train_on_prompt: bool = False,

@@ -324,7 +324,10 @@ def render_turn(template) -> str | None:
         env.globals["strftime_now"] = lambda fmt: "01 Jan 2025"
         messages = [{"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "ASSISTANT_REPLY"}]
-        return env.from_string(template).render(messages=messages, add_generation_prompt=False,
-                                                bos_token="", eos_token="")
+        from ..data.template import bounded  # noqa: PLC0415 - a hostile template must not hang export
+
+        with bounded():
+            return env.from_string(template).render(messages=messages, add_generation_prompt=False,
+                                                    bos_token="", eos_token="")
     except Exception:  # noqa: BLE001 - any template failure falls back to a text search
         return None
