@@ -8,6 +8,7 @@ Precedence, lowest first: field default < YAML file (`--config`) < environment
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -65,13 +66,36 @@ def convert(value, tp: type, name: str):
             if text in ("0", "false", "no", "off", ""):
                 return False
             raise ValueError(value)
+        if tp in (int, float) and isinstance(value, bool):  # YAML `iters: true` is not 1
+            raise ValueError(value)
+        if tp in (int, float) and not isinstance(value, (str, int, float)):
+            raise ValueError(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         if tp is int:
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        return tp(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name}: {value!r} is not a valid {tp.__name__}") from None
+        out = tp(value)
+        if tp is float and not math.isfinite(out):
+            raise ValueError(value)
+        return out
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"option {name}: {value!r} is not a valid {tp.__name__}"
+                          + (" (a finite number)" if tp in (int, float) else "")) from None
+
+
+def check_choice(f: dataclasses.Field, value):
+    """The field's declared choices, for every source of a value (flags, YAML, environment);
+    a word in another case (OUTTYPE=F16) is taken as the choice it spells."""
+    choices = f.metadata.get("choices")
+    if choices is None or value is None or value in choices:
+        return value
+    if isinstance(value, str):
+        for c in choices:
+            if isinstance(c, str) and c.lower() == value.strip().lower():
+                return c
+    env = f.metadata.get("env")
+    raise ConfigError(f"option {f.name}" + (f" ({env})" if env else "") + f": {value!r} is not "
+                      "one of the allowed values", "use one of: " + ", ".join(map(str, choices)))
 
 
 def make_names(classes=None) -> set[str]:
@@ -99,6 +123,9 @@ def resolve(cls, flags: dict | None = None, *, config_file: str | Path | None = 
         if value is not None and name in types_:
             values[name] = value
     values = {k: convert(v, types_[k], k) for k, v in values.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            values[f.name] = check_choice(f, values[f.name])
     return cls(**values)
 
 
