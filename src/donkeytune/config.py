@@ -339,6 +339,11 @@ class AdapterChoice(ModelOptions):
     @property
     def chosen_adapter(self) -> Path:
         """adapters/best when training kept one, unless --use-last; else adapters/."""
+        from .train import mlxadapter  # noqa: PLC0415
+
+        seed = mlxadapter.peft_folder(self.adapter_dir, self.model)  # mlx-lm's, converted
+        if seed is not None:
+            return seed
         best = self.adapter_dir / BEST_DIR
         return self.adapter_dir if self.use_last or not (best / ADAPTER_FILE).is_file() else best
 

@@ -18,7 +18,7 @@ from ..config import TrainOptions
 from ..errors import ConfigError, DonkeyError, ModelError
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, BEST_DIR, SEED_ADAPTER_FILE
 from ..progress import say, warn
-from . import distributed, engines, memory, recipe
+from . import distributed, engines, memory, mlxadapter, recipe
 from .adapter import checkpoints, latest_checkpoint
 from .loop import Best, Job
 
@@ -138,6 +138,9 @@ def _resume_source(opts: TrainOptions) -> Path | None:
     if not opts.resume_from:
         return None
     path = Path(opts.resume_from)
+    seed = mlxadapter.peft_folder(path.parent if path.is_file() else path, opts.model)
+    if seed is not None:  # mlx-lm's adapter folder, converted to PEFT's
+        return seed / ADAPTER_FILE
     if path.is_dir():  # ours, else the seed's (mlx-lm's) file name
         path = path / ADAPTER_FILE if (path / ADAPTER_FILE).is_file() else path / SEED_ADAPTER_FILE
     if not path.is_file():
