@@ -59,6 +59,7 @@ def test_mlx_lm_adapter_fuses_to_mlx_lm_logits(tmp_path, tiny_model):
     with torch.no_grad():
         before = plain(torch.tensor(TOKENS)).logits.numpy()
     err = np.abs(got - want).max()
+    print(f"max |logit diff| {err:.3g} of max |logit| {np.abs(want).max():.3g}")
     assert err < 2e-3 * max(1.0, np.abs(want).max()), err
     assert np.abs(before - want).max() > 20 * err  # the adapter did change the logits
     peft_cfg = json.loads((out / "adapters" / "peft" / "adapter_config.json").read_text())
