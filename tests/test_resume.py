@@ -92,8 +92,8 @@ def test_keep_bounds_the_checkpoints(tiny_model, data_dir, tmp_path):
     train.run(options(tiny_model("llama"), data_dir, tmp_path, save_every=2, keep=2))
     names = sorted(p.name for p in (tmp_path / "adapters" / "checkpoints").iterdir())
     assert names == ["0000006", "0000008"]
-    assert (tmp_path / "adapters" / "checkpoints" / "0000008" / "trainer_state.pt").is_file()
-    assert not (tmp_path / "adapters" / "trainer_state.pt").exists()
+    assert (tmp_path / "adapters" / "checkpoints" / "0000008" / "trainer_state.safetensors").is_file()
+    assert not (tmp_path / "adapters" / "trainer_state.safetensors").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, data_dir, tmp_path, capsys):

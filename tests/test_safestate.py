@@ -28,3 +28,79 @@ def test_export_over_a_file_of_its_input_folder_is_refused(tiny_model, tmp_path,
         err = capsys.readouterr().err
         assert "would destroy the input" in err and name in err
     assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+
+
+# ------------------------------------------------------------ 1. no pickle in the trainer state
+
+class _RunsCode:
+    """Unpickling this creates `path`: a stand-in for any code a planted pickle would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _trained_run(tiny_model, tmp_path):
+    from conftest import write_jsonl
+    from donkeytune import config, train
+
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]}
+            for i in range(6)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "valid.jsonl", rows[:2])
+    flags = dict(model=str(tiny_model("llama")), data_dir=str(tmp_path / "data"),
+                 output_dir=str(tmp_path / "out"), iters=4, batch_size=2, num_layers=1,
+                 steps_per_eval=100, save_every=2, dtype="float32")
+    train.run(config.resolve(config.TrainOptions, flags, environ={}))
+    return sorted((tmp_path / "out" / "adapters" / "checkpoints").iterdir())[-1]
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(tiny_model, tmp_path, capsys):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = _trained_run(tiny_model, tmp_path)
+    good = checkpoint / "trainer_state.safetensors"
+    assert good.is_file() and not (checkpoint / "trainer_state.pt").exists()
+    marker = tmp_path / "ran"
+    resume = ["train", "--resume", "--output-dir", str(tmp_path / "out")]
+    planted = {
+        "pickle as the new name": lambda: good.write_bytes(pickle.dumps(_RunsCode(marker))),
+        "torch.save as the new name": lambda: torch.save({"x": _RunsCode(marker)}, good),
+        "an older run's trainer_state.pt": lambda: torch.save(
+            {"iteration": 2, "x": _RunsCode(marker)}, checkpoint / "trainer_state.pt"),
+        "safetensors without our metadata": lambda: save_file({"rng/torch": torch.zeros(3)}, str(good)),
+        "truncated": lambda: good.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\""),
+    }
+    for case, plant in planted.items():
+        for f in ("trainer_state.pt", "trainer_state.safetensors"):
+            (checkpoint / f).unlink(missing_ok=True)
+        plant()
+        assert main(resume) == 2, case
+        err = capsys.readouterr().err
+        assert "it is not loaded" in err and "--force" in err, (case, err)
+        assert not marker.exists(), case
+        assert ("is a pickle" in err) == ("pickle" in case or "torch.save" in case or ".pt" in case), case
+
+
+def test_the_trainer_state_round_trips_without_pickle(tmp_path):
+    import random
+
+    import torch
+    from donkeytune.train import adapter
+
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    params[0].grad, params[1].grad = torch.ones(2, 3), torch.ones(3)
+    opt.step()
+    state = adapter.trainer_state(9, opt)
+    adapter.write_state(state, tmp_path / "trainer_state.safetensors")
+    tensors, meta = adapter.read_state(tmp_path)
+    assert meta["iteration"] == 9 and meta["workers"] == 1
+    assert torch.equal(tensors["optimizer/0/exp_avg"], opt.state[params[0]]["exp_avg"])
+    assert torch.equal(tensors["rng/torch"], torch.get_rng_state())
+    assert tuple(meta["python_rng"][1]) == random.getstate()[1]

@@ -19,7 +19,7 @@ from ..errors import ConfigError, DonkeyError, ModelError
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, BEST_DIR, SEED_ADAPTER_FILE
 from ..progress import say, warn
 from . import distributed, engines, memory, mlxadapter, recipe
-from .adapter import checkpoints, latest_checkpoint
+from .adapter import check_state, checkpoints, latest_checkpoint
 from .loop import Best, Job
 
 
@@ -63,6 +63,7 @@ def _checked(opts: TrainOptions):
         opts = dataclasses.replace(opts, resume=True)
     if opts.resume:
         checkpoint = latest_checkpoint(opts.adapter_dir)
+        check_state(checkpoint)  # a pickle or a tampered file: refused unread
         opts = _recorded_options(checkpoint, opts)  # its DATA_DIR, ITERS, LR, ...
     dataset = data.load_dir(opts.data_dir)  # bad data stops here, before any model loads
     if len(dataset.train) < opts.workers:

@@ -397,12 +397,16 @@ def save_state(folder: Path, it: int, optimizer) -> None:
 
 def restore_checkpoint(folder: Path, model, optimizer) -> int:
     load_adapter_weights(model, folder / ADAPTER_FILE)
-    arrays, meta = mx.load(str(folder / MLX_STATE_FILE), return_metadata=True)
+    try:
+        arrays, meta = mx.load(str(folder / MLX_STATE_FILE), return_metadata=True)
+        it = int(meta["iteration"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise ModelError(f"{folder / MLX_STATE_FILE} is not a readable MLX trainer state ({e}); "
+                         "it is not loaded", "start over with --force") from None
     names = {k for k, _ in tree_flatten(optimizer.state)}
     if names != set(arrays):
         raise ModelError(f"{folder / MLX_STATE_FILE} does not fit this run's optimizer",
                          "start over with --force")
     optimizer.state = tree_map_with_path(lambda path, _: arrays[path], optimizer.state)
-    it = int(meta["iteration"])
     say(f"Resuming at iteration {it} from {folder}")
     return it
