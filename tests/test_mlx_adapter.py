@@ -84,7 +84,7 @@ def test_mlx_lm_adapter_as_resume_from(tmp_path, tiny_model):
     assert checked.model == str(base)  # the base from its adapter_config's `model`
     source = train._resume_source(checked)
     assert source == mlx / "peft" / "adapter_model.safetensors"
-    assert runinfo.read_run(mlx)["base_fingerprint"] == runinfo.model_fingerprint(base)
+    assert runinfo.read_run(mlxadapter.peft_folder(mlx))["base_fingerprint"] == runinfo.model_fingerprint(base)
 
 
 def test_mlx_lm_adapter_without_model_needs_model(tmp_path, tiny_model):
@@ -98,4 +98,4 @@ def test_mlx_lm_adapter_without_model_needs_model(tmp_path, tiny_model):
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="MODEL"):
         mlxadapter.peft_folder(folder)
-    assert runinfo.read_run(folder, str(base))["base_model"] == str(base)
+    assert runinfo.read_run(mlxadapter.peft_folder(folder, str(base)))["base_model"] == str(base)

@@ -337,6 +337,14 @@ class AdapterChoice(ModelOptions):
                          "lowest validation loss (adapters/best)", env="USE_LAST")
 
     @property
+    def run_dir(self) -> Path:
+        """The adapter folder whose run record the later stages read: mlx-lm's (the seed's)
+        through its converted PEFT copy."""
+        from .train import mlxadapter  # noqa: PLC0415
+
+        return mlxadapter.peft_folder(self.adapter_dir, self.model) or self.adapter_dir
+
+    @property
     def chosen_adapter(self) -> Path:
         """adapters/best when training kept one, unless --use-last; else adapters/."""
         from .train import mlxadapter  # noqa: PLC0415

@@ -18,7 +18,7 @@ def run(opts: FuseOptions) -> Path:
     import torch  # noqa: PLC0415
     from peft import PeftModel  # noqa: PLC0415
 
-    run_info = runinfo.read_run(opts.adapter_dir, opts.model)
+    run_info = runinfo.read_run(opts.run_dir)
     base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
                                      allow_pickle=opts.allow_pickle)
     out = opts.fused_dir

@@ -57,12 +57,7 @@ def run_record(stage: str, opts, **extra) -> dict:
             "options": dataclasses.asdict(opts), "versions": versions(), **extra}
 
 
-def read_run(adapter_dir: Path, model: str | None = None) -> dict:
-    """The run record of an adapter folder; an mlx-lm adapter folder (the seed's) is read
-    through its converted PEFT copy (train/mlxadapter.py), its base model `model` if given."""
-    from .train import mlxadapter  # noqa: PLC0415
-
-    adapter_dir = mlxadapter.peft_folder(adapter_dir, model) or adapter_dir
+def read_run(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / RUN_FILE
     if not path.is_file():
         raise ModelError(f"{adapter_dir} holds no trained adapter ({RUN_FILE} missing)",

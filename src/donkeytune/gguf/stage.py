@@ -38,7 +38,7 @@ def run(opts: ConvertOptions) -> Path:
     from .. import fuse, gguf  # noqa: PLC0415
     from . import quantize  # noqa: PLC0415
 
-    run_info = runinfo.read_run(opts.adapter_dir, opts.model)
+    run_info = runinfo.read_run(opts.run_dir)
     full, quant = gguf_paths(opts, run_info)
     if not _fused_is_current(opts):
         fuse.run(opts)

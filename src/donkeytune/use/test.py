@@ -35,7 +35,7 @@ def default_prompts(data_dir: str | None, n: int) -> list[dict]:
 
 def run(opts: TestOptions) -> list[dict]:
     """Answer the prompts with base and fine-tuned model; returns one dict per prompt."""
-    run_info = runinfo.read_run(opts.adapter_dir, opts.model)
+    run_info = runinfo.read_run(opts.run_dir)
     base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
                                      allow_pickle=opts.allow_pickle)
     prompts = ([{"question": opts.prompt, "keyword": None}] if opts.prompt
