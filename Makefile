@@ -76,8 +76,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # llama.cpp's HF -> GGUF converter (for the architectures our exporter does not know), from the
 # source package of the installed llama-cpp-python, into the venv: export never downloads.
-converter: $(VENV)/.installed
+converter: $(VENV)/.installed-converter
+
+$(VENV)/.installed-converter: $(VENV)/.installed
 	@$(BIN)/python -m donkeytune.gguf.llamacpp install
+	@touch $@
 
 setup: $(VENV)/.installed converter
 	@$(DT) --version

@@ -71,7 +71,7 @@ def probe(tmp_path_factory):
     venv = tmp / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
-    for stamp in (".installed", ".installed-serve", ".installed-test", ".installed-ui"):
+    for stamp in (".installed", ".installed-converter", ".installed-serve", ".installed-test", ".installed-ui"):
         (venv / stamp).touch()
     dt = tmp / "dt"
     dt.write_text(PROBE.format(python=sys.executable))
