@@ -51,7 +51,11 @@ COMMANDS = {
     "test": (config.TestOptions, _stage("use.test"),
              "answer prompts with the base and the fine-tuned model"),
     "convert": (config.ConvertOptions, _stage("gguf.stage"),
-                "fuse + export to GGUF + quantize with llama.cpp (output/gguf)"),
+                "fuse + export to GGUF + quantize with llama.cpp (QUANTIZE=auto: the smallest "
+                "type as faithful as f16) + fidelity check (output/gguf)"),
+    "fidelity": (config.FidelityOptions, _stage("gguf.fidelity"),
+                 "check GGUF files against the fused model: next-token agreement, KL, held-out "
+                 "answers (output/gguf/fidelity.json)"),
     "export": (config.ExportOptions, _stage("gguf.stage", "run_export"),
                "any supported HF model folder -> GGUF"),
     "quantize": (config.QuantizeOptions, _stage("gguf.stage", "run_quantize"),

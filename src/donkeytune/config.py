@@ -379,14 +379,38 @@ class TestOptions(AdapterChoice):
 
 
 QUANT_TYPES = tuple(files.QUANT_TYPES)
+# QUANTIZE=auto: the first of these, smallest first, whose fidelity stays within AUTO_TOLERANCE
+# of the f16 file (agreement points lost, KL added, held-out answers lost; gguf/fidelity.py)
+AUTO_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+AUTO_TOLERANCE = {"agreement": 2.0, "kl": 0.05, "answers": 1}
 
 
 @dataclass
-class ConvertOptions(FuseOptions, ExporterOptions):
-    quantize: str = opt("Q4_K_M", "llama.cpp quantization of the final GGUF: "
-                        + ", ".join(QUANT_TYPES), env="QUANTIZE")
+class FidelityKnobs:
+    """How much the fidelity check of `convert` and `fidelity` reads (its cost is bounded)."""
+
+    fidelity_conversations: int = opt(32, "validation conversations the GGUF is checked on "
+                                      "(teacher-forced, assistant tokens only)")
+    fidelity_tokens: int = opt(1024, "assistant tokens checked at most, over all conversations")
+    fidelity_questions: bool = opt(True, "also answer the data's held-out questions "
+                                   "(questions.jsonl) with each GGUF, greedy")
+    fidelity_answer_tokens: int = opt(60, "maximum tokens per held-out answer")
+
+    def _check_knobs(self):
+        _check(self.fidelity_conversations > 0 and self.fidelity_tokens > 0
+               and self.fidelity_answer_tokens > 0, "the fidelity check's counts must be positive")
+
+
+@dataclass
+class ConvertOptions(FidelityKnobs, FuseOptions, ExporterOptions):
+    quantize: str = opt("auto", "llama.cpp quantization of the final GGUF: auto (the smallest of "
+                        + ", ".join(AUTO_TYPES) + " as faithful as f16 within the tolerance, "
+                        "checked by the fidelity check) or one of " + ", ".join(QUANT_TYPES)
+                        + " (used as given)", env="QUANTIZE")
     outtype: str = opt("f16", "type of the intermediate GGUF (kept next to the quantized one)",
                        env="OUTTYPE", choices=OUT_TYPES)
+    fidelity: bool = opt(True, "check every GGUF written against the fused model "
+                         "(output/gguf/fidelity.json); QUANTIZE=auto needs it", env="FIDELITY")
 
     @property
     def gguf_dir(self) -> Path:
@@ -394,8 +418,23 @@ class ConvertOptions(FuseOptions, ExporterOptions):
 
     def __post_init__(self):
         self.quantize = self.quantize.upper()
-        _check(self.quantize in QUANT_TYPES, f"unknown quantization type {self.quantize!r}",
-               "use one of: " + ", ".join(QUANT_TYPES))
+        _check(self.quantize in (*QUANT_TYPES, "AUTO"), f"unknown quantization type {self.quantize!r}",
+               "use auto or one of: " + ", ".join(QUANT_TYPES))
+        _check(self.fidelity or self.quantize != "AUTO", "QUANTIZE=auto chooses the type from the "
+               "fidelity check, which FIDELITY=0 / --no-fidelity turns off",
+               "give a type (QUANTIZE=Q5_K_M), or keep the check on")
+        self._check_knobs()
+
+
+@dataclass
+class FidelityOptions(FidelityKnobs, ModelOptions):
+    gguf: list[str] | None = opt(None, "GGUF files to check (default: those `convert` wrote in "
+                                 "OUTPUT_DIR/gguf)", positional=True)
+    data_dir: str | None = opt(None, "where the validation conversations and questions.jsonl come "
+                               "from (default: the run's data)", env="DATA_DIR")
+
+    def __post_init__(self):
+        self._check_knobs()
 
 
 @dataclass
@@ -546,7 +585,7 @@ class UiOptions:
         _check(0 < self.port < 65536, f"port must be between 1 and 65535, got {self.port}")
 
 
-ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions, ConvertOptions, ExportOptions,
+ALL_OPTIONS = (TrainOptions, FuseOptions, TestOptions, ConvertOptions, FidelityOptions, ExportOptions,
                QuantizeOptions, ExportAdapterOptions, DataCheckOptions, DataStatsOptions,
                DataSplitOptions, DataWriteOptions, DataMergeOptions, ChatOptions, ServeOptions,
                UiOptions)

@@ -13,6 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError, ModelError
 from ..files import QUANT_TYPES, atomic
 from ..progress import say
@@ -22,8 +24,13 @@ QTYPES = {name: ftype for name, (ftype, _bytes) in QUANT_TYPES.items()}
 _SOURCE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type llama.cpp requantizes well
 
 
-def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int | None = None) -> Path:
-    """Write `in_gguf` (an f32/f16/bf16 export) quantized to `qtype` at `out_gguf`."""
+def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int | None = None,
+             imatrix: dict | None = None) -> Path:
+    """Write `in_gguf` (an f32/f16/bf16 export) quantized to `qtype` at `out_gguf`.
+
+    `imatrix`: {GGUF tensor name: mean squared input per column} (llama-imatrix's importance
+    weights): llama.cpp then rounds each tensor to keep its output on such inputs closest.
+    """
     in_gguf, out_gguf = Path(in_gguf), Path(out_gguf)
     ftype = QTYPES.get(qtype.upper())
     if ftype is None:
@@ -36,6 +43,7 @@ def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
+    keep = _imatrix_param(llama_cpp, params, imatrix) if imatrix else None  # noqa: F841 - alive until done
     log = None
     try:
         with atomic(out_gguf) as tmp:
@@ -55,6 +63,19 @@ def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int 
         say(f"  {fallbacks} tensors have rows that are not a multiple of 256 and use Q5_0/Q8_0 "
             f"instead of a K-quant (expected for this model's width)")
     return out_gguf
+
+
+def _imatrix_param(llama_cpp, params, imatrix: dict):
+    """Point `params.imatrix` at a NULL-terminated array of (name, data, size); returns what
+    must stay alive while llama.cpp reads it."""
+    arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]
+    table = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for entry, name, arr in zip(table, imatrix, arrays):
+        entry.name = name.encode()
+        entry.data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = arr.size
+    params.imatrix = ctypes.cast(table, type(params.imatrix))
+    return table, arrays
 
 
 @contextmanager

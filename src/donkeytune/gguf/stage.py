@@ -36,13 +36,14 @@ def gguf_paths(opts: ConvertOptions, run: dict) -> tuple[Path, Path]:
 def run(opts: ConvertOptions) -> Path:
     """Fuse + export + quantize the trained adapter; returns the quantized GGUF."""
     from .. import fuse, gguf  # noqa: PLC0415
-    from . import quantize  # noqa: PLC0415
+    from . import fidelity  # noqa: PLC0415
 
     run_info = runinfo.read_run(opts.run_dir)
     full, quant = gguf_paths(opts, run_info)
     if not _fused_is_current(opts):
         fuse.run(opts)
-    memory.check_model_write(opts.fused_dir, opts.gguf_dir, [opts.outtype, opts.quantize],
+    memory.check_model_write(opts.fused_dir, opts.gguf_dir,
+                             [opts.outtype, "Q8_0" if opts.quantize == "AUTO" else opts.quantize],
                              "the GGUF files")
     timings = []
     t = time.perf_counter()
@@ -51,8 +52,13 @@ def run(opts: ConvertOptions) -> Path:
         gguf.export(opts.fused_dir, full, opts.outtype, exporter=opts.exporter)
     timings.append((full, time.perf_counter() - t))
     t = time.perf_counter()
-    with status(f"Quantizing to {opts.quantize} with llama.cpp"):
-        quantize.quantize(full, quant, opts.quantize)
+    ref = (fidelity.reference_for(opts, opts.fused_dir, run_info.get("data_dir"),
+                                  run_info.get("system_prompt"), opts.trust_remote_code)
+           if opts.fidelity else None)
+    with status(f"Quantizing to {opts.quantize} with llama.cpp"
+                + (" (and checking fidelity)" if ref else "")):
+        quant = fidelity.quantize_and_check(full, quant.name.removesuffix(f"-{opts.quantize}.gguf"),
+                                            opts.quantize, ref)
     timings.append((quant, time.perf_counter() - t))
     made_from = dict(adapter_fingerprint=runinfo.adapter_fingerprint(opts.adapter_dir),
                      base_fingerprint=run_info["base_fingerprint"])
@@ -64,9 +70,10 @@ def run(opts: ConvertOptions) -> Path:
     from ..use import ollama  # noqa: PLC0415
 
     modelfile = ollama.write_modelfile(quant, opts.fused_dir, run_info.get("system_prompt"))
+    fidelity.report_markdown(opts.gguf_dir, Path(opts.output_dir) / "report")
     for path, seconds in timings:
         say(f"  {path}  {path.stat().st_size / 1e6:.1f} MB  ({seconds:.1f}s)")
-    say(f"  Ollama: {ollama.create_command(modelfile, quant.stem.removesuffix('-' + opts.quantize))}")
+    say(f"  Ollama: {ollama.create_command(modelfile, quant.stem.rsplit('-', 1)[0])}")
     return quant
 
 

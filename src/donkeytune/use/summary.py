@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .. import runinfo
+from ..gguf import fidelity
 from ..config import ModelOptions
 from ..files import TEST_FILE
 from ..gguf.stage import model_name
@@ -40,6 +41,9 @@ def run(opts: ModelOptions) -> str:
                   f"ollama run {name}",
                   f"  chat here   donkeytune chat --output-dir {out}    (make chat)",
                   f"  server      donkeytune serve --output-dir {out}   (OpenAI API on 127.0.0.1:8000)"]
+    checked = fidelity.read(out / "gguf") if converted else None
+    if checked:
+        lines += ["", *fidelity.table(checked)]
     if tested:
         lines += ["", f"Answers ({tested['engine']}):"]
         for row in tested["results"][:3]:

@@ -93,17 +93,25 @@ def _converted_gguf(opts: TestOptions) -> Path | None:
     return path
 
 
-def base_gguf(base_dir: Path, qtype: str) -> Path:
-    """The base model exported and quantized like the fine-tuned one, cached."""
+def base_gguf(base_dir: Path, qtype: str, data_dir: str | None = None) -> Path:
+    """The base model exported and quantized like the fine-tuned one (with importance weights
+    measured on `data_dir`, as `convert` quantizes), cached."""
     from .. import gguf  # noqa: PLC0415
     from ..gguf import quantize  # noqa: PLC0415
 
-    target = models.cache_dir() / "gguf" / f"{runinfo.model_fingerprint(base_dir)}-{qtype}.gguf"
+    suffix = "-imatrix" if data_dir and qtype not in ("F16", "BF16") else ""
+    target = models.cache_dir() / "gguf" / f"{runinfo.model_fingerprint(base_dir)}-{qtype}{suffix}.gguf"
     if not target.is_file():
         full = target.with_name(target.stem + "-f16.gguf")
         with status(f"Exporting the base model to GGUF for comparison ({target})"):
             gguf.export(base_dir, full, "f16")
-            quantize.quantize(full, target, qtype)
+            imatrix = None
+            if suffix:
+                from ..gguf import fidelity  # noqa: PLC0415
+
+                imatrix = fidelity.reference(base_dir, data_dir, conversations=1, tokens=1,
+                                             questions=False).imatrix
+            quantize.quantize(full, target, qtype, imatrix=imatrix)
             full.unlink()
     return target
 
@@ -121,7 +129,9 @@ def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
 
     say(f"Testing the GGUF {gguf_file} in llama.cpp (its own chat template and stop tokens)")
     tuned = load_llama(gguf_file, n_ctx=2048)
-    base = load_llama(base_gguf(base_dir, _gguf_type(gguf_file)), n_ctx=2048) if opts.base else None
+    data_dir = opts.data_dir or runinfo.read_run(opts.adapter_dir).get("data_dir")
+    base = (load_llama(base_gguf(base_dir, _gguf_type(gguf_file), data_dir), n_ctx=2048)
+            if opts.base else None)
 
     def answer(llm):
         return lambda messages: chat_gguf(llm, messages, opts.max_tokens)
