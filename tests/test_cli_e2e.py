@@ -60,8 +60,16 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
     name = tiny_model("llama").name
     gguf_dir = out / "gguf"
     assert {p.name for p in gguf_dir.iterdir()} == {
-        f"{name}-finetuned-f16.gguf", f"{name}-finetuned-Q8_0.gguf", "donkeytune.json", "Modelfile"}
+        f"{name}-finetuned-f16.gguf", f"{name}-finetuned-Q8_0.gguf", "donkeytune.json", "Modelfile",
+        "fidelity.json"}
     assert f"ollama create {name}-finetuned -f {gguf_dir / 'Modelfile'}" in p.stderr
+    # every GGUF written was checked against the fused model; the explicit type was kept
+    doc = json.loads((gguf_dir / "fidelity.json").read_text())
+    assert doc["chosen"] == f"{name}-finetuned-Q8_0.gguf"
+    assert [r["type"] for r in doc["results"]] == ["F16", "Q8_0"]
+    assert all(r["agreement"] > 90 for r in doc["results"]), doc["results"]
+    assert "Fidelity of the GGUF files against the fused model" in p.stderr
+    assert "## GGUF fidelity" in (out / "report" / "summary.md").read_text()
 
     # after convert, `test` runs the quantized GGUF in llama.cpp, beside the base model's GGUF
     p = run("test", "--output-dir", str(out), "--max-tokens", "4", "--num-prompts", "1")
@@ -75,7 +83,8 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
     for text in (f"Trained   {tiny_model('llama')} on {data} (8 examples): 4 iterations x 4",
                  f"GGUF      {gguf_dir / (name + '-finetuned-Q8_0.gguf')}",
                  f"ollama create {name}-finetuned -f {gguf_dir / 'Modelfile'}",
-                 f"Answers (llama.cpp, {name}-finetuned-Q8_0.gguf):", "Q: Say the word number 0."):
+                 f"Answers (llama.cpp, {name}-finetuned-Q8_0.gguf):", "Q: Say the word number 0.",
+                 "next-token agreement"):
         assert text in p.stdout, text
 
     p = run("export-adapter", str(out / "adapters"), str(tmp_path / "lora.gguf"))

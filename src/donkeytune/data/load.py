@@ -283,3 +283,8 @@ def load_questions(data_dir: str | Path) -> list[dict]:
             except (ValueError, KeyError, TypeError):
                 raise DataError(path, number, 'expected {"question": "...", "keyword": "..."}') from None
     return out
+
+
+def keyword_hit(answer: str, keyword) -> bool | None:
+    """A held-out question's score: its keyword is in the answer (None: no keyword to look for)."""
+    return None if not keyword else keyword.lower() in answer.lower()

@@ -155,8 +155,7 @@ def _importance(model, tok, examples, model_dir: Path, dev: str) -> dict[str, np
 
 def check(path: Path, ref: Reference, n_threads: int | None = None) -> dict:
     """One GGUF's figures against the reference: agreement (%), mean KL, held-out answers."""
-    from ..use.test import chat_gguf, hit  # noqa: PLC0415 - scored as `donkeytune test` scores
-    from .runtime import load_llama  # noqa: PLC0415
+    from .runtime import chat_gguf, load_llama  # noqa: PLC0415 - answered as `donkeytune test` does
 
     path = Path(path)
     start = time.perf_counter()
@@ -180,7 +179,7 @@ def check(path: Path, ref: Reference, n_threads: int | None = None) -> dict:
         llm.reset()
         answer = chat_gguf(llm, messages, ref.answer_tokens)
         answers.append({"question": row["question"], "keyword": row["keyword"], "answer": answer,
-                        "hit": hit(answer, row["keyword"])})
+                        "hit": data.keyword_hit(answer, row["keyword"])})
     del llm
     scored = [a for a in answers if a["hit"] is not None]
     return {"file": path.name, "type": gguf_type(path), "size_mb": round(path.stat().st_size / 1e6, 1),

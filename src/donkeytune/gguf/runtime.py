@@ -54,3 +54,9 @@ def load_llama(path: Path, n_ctx: int = 2048, lora_path: Path | None = None,
             raise ModelError(f"llama.cpp cannot load {path}"
                              + (f" with adapter {lora_path}" if lora_path else "") + f": {e}",
                              "rerun with verbose=True to see llama.cpp's reason") from None
+
+
+def chat_gguf(llm, messages, max_tokens: int) -> str:
+    """A greedy answer to `messages`, with the GGUF's own chat template and stop tokens."""
+    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+    return (out["choices"][0]["message"]["content"] or "").strip()

@@ -375,7 +375,7 @@ class Chats:
         system = conv.get("system_prompt")
         if system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
-        from ..use.test import chat_gguf  # noqa: PLC0415
+        from ..gguf.runtime import chat_gguf  # noqa: PLC0415
 
         with lock:  # one answer at a time per model: llama.cpp contexts are not shared
             try:

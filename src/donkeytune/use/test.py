@@ -12,6 +12,8 @@ from pathlib import Path
 from .. import data, device, models, runinfo
 from ..config import TestOptions
 from ..errors import ConfigError
+from ..data.load import keyword_hit as hit
+from ..gguf.runtime import chat_gguf
 from ..files import TEST_FILE
 from ..progress import say, status
 from .chat import converted_gguf
@@ -139,11 +141,6 @@ def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
     return answer(tuned), (answer(base) if base else None)
 
 
-def chat_gguf(llm, messages, max_tokens: int) -> str:
-    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
-    return (out["choices"][0]["message"]["content"] or "").strip()
-
-
 # ---------------------------------------------------------------- torch (base + adapter)
 
 def _torch_answerers(base_dir: Path, run_info: dict, opts: TestOptions):
@@ -184,10 +181,6 @@ def prompt_ids(tok, messages) -> list[int]:
 
 
 # ---------------------------------------------------------------- output
-
-def hit(answer: str, keyword) -> bool | None:
-    return None if not keyword else keyword.lower() in answer.lower()
-
 
 def show(row: dict) -> None:
     print(f"\nQ: {row['question']}")
