@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelError
+from ..files import atomic
 
 DIR_NAME = "donkeytune-llama.cpp-converter"  # not an importable name: it shadows nothing
 ENV_DIR = "DONKEYTUNE_LLAMA_CPP_CONVERTER"  # a converter folder elsewhere (a llama.cpp checkout)
@@ -119,15 +120,13 @@ def supports(cfg: dict) -> bool:
 
 def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     """Write `hf_dir` as a GGUF file with llama.cpp's converter (text model only)."""
-    from .convert import _atomic  # noqa: PLC0415
-
     folder = require()
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "gguf-py"), str(folder)]
                                         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["HF_HUB_OFFLINE"] = "1"  # a local folder: nothing downloads at export time
-    with _atomic(out_path) as tmp:
+    with atomic(out_path) as tmp:
         args = [str(hf_dir), "--outfile", str(tmp), "--outtype", outtype.lower()]
         cmd = [sys.executable, "-c", _DRIVER, str(folder), str(_has_mtp(hf_dir)), *args]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
