@@ -99,7 +99,7 @@ class Diverged(DonkeyError):
 class QuietReporter:
     """What workers other than the first report: nothing."""
 
-    def train(self, *args):
+    def train(self, *args, **kwargs):
         pass
 
     valid = tick = questions = stopped = train
