@@ -97,8 +97,10 @@ def test_train_fuse_test_through_the_cli(tiny_model, tmp_path):
         runinfo.adapter_fingerprint(adapters)
     # trained again (the adapter changed): test and chat refuse the old GGUF and say the fix
     from safetensors.torch import load_file, save_file
-    weights = load_file(adapters / "adapter_model.safetensors")
-    save_file({k: v + 0.01 for k, v in weights.items()}, adapters / "adapter_model.safetensors")
+    # (a new training rewrites the last adapter and the best one, adapters/best, alike)
+    for weights_file in [adapters / "adapter_model.safetensors", *adapters.glob("best/adapter_model.safetensors")]:
+        weights = load_file(weights_file)
+        save_file({k: v + 0.01 for k, v in weights.items()}, weights_file)
     for command in ("test", "chat"):
         p = run(command, "--output-dir", str(out), "--max-tokens", "2")
         assert p.returncode != 0 and "converted from an earlier adapter" in p.stderr, p.stderr
