@@ -41,13 +41,14 @@ def f32(tiny_model, tmp_path_factory):
     return export(tiny_model("llama"), tmp_path_factory.mktemp("g") / "tiny-f32.gguf", "f32")
 
 
-def test_reference_is_bounded(tiny_model, facts_dir):
+def test_reference_is_bounded(tiny_model, facts_dir, f32):
     r = fidelity.reference(tiny_model("llama"), facts_dir, conversations=2, tokens=12, questions=False)
     assert len(r.sequences) <= 2 and r.tokens == 12 and not r.questions
     assert all(lp.shape[0] == len(p) for lp, p in zip(r.logprobs, r.positions))
     # importance weights for quantizing: one per linear layer, under its GGUF name
-    assert r.imatrix["blk.0.attn_q.weight"].shape == (64,) and "blk.2.ffn_down.weight" in r.imatrix
-    assert r.imatrix["blk.2.ffn_down.weight"].shape == (128,) and "token_embd.weight" in r.imatrix
+    imatrix = r.imatrix_for(f32)
+    assert imatrix["blk.0.attn_q.weight"].shape == (64,) and "blk.2.ffn_down.weight" in imatrix
+    assert imatrix["blk.2.ffn_down.weight"].shape == (128,) and "token_embd.weight" in imatrix
 
 
 def test_f32_gguf_is_near_perfect(ref, f32):
@@ -75,7 +76,7 @@ def test_damaged_tensor_is_flagged(ref, f32, tmp_path, capsys):
 def test_auto_picks_a_larger_type_when_the_smaller_fails(ref, tiny_model, tmp_path):
     full = export(tiny_model("llama"), tmp_path / "tiny-f16.gguf", "f16")
     base = fidelity.check(full, ref, n_threads=2)
-    probes = {q: quantize(full, tmp_path / f"probe-{q}.gguf", q, imatrix=ref.imatrix)
+    probes = {q: quantize(full, tmp_path / f"probe-{q}.gguf", q, imatrix=ref.imatrix_for(full))
               for q in ("Q4_K_M", "Q8_0")}
     kl = {q: fidelity.check(path, ref)["kl"] for q, path in probes.items()}
     assert kl["Q4_K_M"] > kl["Q8_0"]

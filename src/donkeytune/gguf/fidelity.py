@@ -43,7 +43,34 @@ class Reference:
     questions: list[dict] = field(default_factory=list)
     system: str | None = None
     answer_tokens: int = 60
-    imatrix: dict[str, np.ndarray] = field(default_factory=dict)  # GGUF name -> mean x^2 per column
+    importance: dict[str, np.ndarray] = field(default_factory=dict)  # HF linear -> mean x^2 per column
+
+    def imatrix_for(self, gguf_path: Path) -> dict[str, np.ndarray] | None:
+        """The importance weights under the tensor names of the GGUF file (whichever exporter
+        wrote it: the architecture and the names come from the file), or None without any."""
+        import gguf  # noqa: PLC0415
+
+        if not self.importance:
+            return None
+        reader = gguf.GGUFReader(gguf_path)
+        arch = reader.get_field("general.architecture").contents()
+        by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        blocks = reader.get_field(f"{arch}.block_count")
+        if arch not in by_name or blocks is None:
+            return None  # an architecture this gguf-py does not know: quantized without them
+        names = gguf.get_tensor_name_map(by_name[arch], blocks.contents())
+        present = {t.name for t in reader.tensors}
+        out = {}
+        for module, values in self.importance.items():
+            for candidate in (module, module.replace("language_model.", "")):  # multimodal: text model
+                name = names.get_name(candidate + ".weight", try_suffixes=(".weight",))
+                if name:
+                    break
+            if module.endswith("lm_head") and "output.weight" not in present:
+                name = "token_embd.weight"  # tied: llama.cpp quantizes the shared matrix as the output
+            if name and name in present:
+                out[name] = values
+        return out or None
 
     @property
     def tokens(self) -> int:
@@ -96,7 +123,7 @@ def reference(model_dir: Path, data_dir: str | Path | None, *, conversations: in
             ref.logprobs.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
             budget -= len(pos)
         if importance:
-            ref.imatrix = _importance(model, tok, ds.train or ds.valid, Path(model_dir), dev)
+            ref.importance = _importance(model, tok, ds.train or ds.valid, dev)
         del model
     device.trim_memory()
     if not ref.sequences:
@@ -104,19 +131,14 @@ def reference(model_dir: Path, data_dir: str | Path | None, *, conversations: in
     return ref
 
 
-def _importance(model, tok, examples, model_dir: Path, dev: str) -> dict[str, np.ndarray]:
+def _importance(model, tok, examples, dev: str) -> dict[str, np.ndarray]:
     """Mean squared input of every linear layer per column, over the training conversations
-    (IMATRIX_TOKENS at most, all tokens), under the GGUF tensor names: llama-imatrix's figures.
+    (IMATRIX_TOKENS at most, all tokens), by module name: llama-imatrix's figures.
 
     Measured on the built-in SmolLM2 (itself dequantized from Q4_1): without them, Q4_K_M and
     Q6_K answer "What is the capital of France?" in looping French; with them, Paris."""
-    import gguf  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from .archs import arch_for, text_config  # noqa: PLC0415
-
-    cfg = text_config(json.loads((model_dir / "config.json").read_text()))
-    names = gguf.get_tensor_name_map(arch_for(cfg, model_dir).gguf_arch, cfg["num_hidden_layers"])
     sums: dict[str, list] = {}
 
     def hook(name):
@@ -141,16 +163,7 @@ def _importance(model, tok, examples, model_dir: Path, dev: str) -> dict[str, np
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    tied = cfg.get("tie_word_embeddings", True)
-    for name, (total, count) in sums.items():
-        gguf_name = names.get_name(name + ".weight", try_suffixes=(".weight",))
-        if name == "lm_head" and tied:
-            gguf_name = "token_embd.weight"  # llama.cpp quantizes the shared matrix as the output
-        if gguf_name:
-            out[gguf_name if gguf_name.endswith(".weight") else gguf_name + ".weight"] = (
-                (total / count).cpu().numpy().astype(np.float32))
-    return out
+    return {name: (total / count).cpu().numpy().astype(np.float32) for name, (total, count) in sums.items()}
 
 
 def check(path: Path, ref: Reference, n_threads: int | None = None) -> dict:
@@ -225,7 +238,7 @@ def auto_quantize(full: Path, stem: str, ref: Reference, base_row: dict,
     for qtype in types:
         path = full.with_name(f"{stem}-{qtype}.gguf")
         with status(f"QUANTIZE=auto: trying {qtype}"):
-            quantize(full, path, qtype, imatrix=ref.imatrix or None)
+            quantize(full, path, qtype, imatrix=ref.imatrix_for(full))
             row = check(path, ref)
         row["passed"] = passes(row, base_row, tol)
         tried.append(row)
@@ -277,7 +290,7 @@ def quantize_and_check(full: Path, stem: str, qtype: str, ref: Reference | None,
         out, tried = auto_quantize(full, stem, ref, rows[0], tol)
         rows += tried
     else:
-        out = quantize(full, full.with_name(f"{stem}-{qtype}.gguf"), qtype, imatrix=ref.imatrix or None)
+        out = quantize(full, full.with_name(f"{stem}-{qtype}.gguf"), qtype, imatrix=ref.imatrix_for(full))
         with status(f"Checking {out.name} in llama.cpp"):
             rows.append(check(out, ref))
     flag(rows)
