@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from donkeytune import doctor, report
+from donkeytune import doctor, models
+from donkeytune.models import table
 from donkeytune.cli import main
 
 
@@ -22,11 +23,11 @@ def test_doctor_reports_every_line(capsys):
 
 
 def test_largest_model_that_fits():
-    assert report.largest_fitting(1.6).alias == "smollm2-135m"
-    assert report.largest_fitting(7.0).alias == "llama-3.2-1b"
+    assert table.largest_fitting(1.6).alias == "smollm2-135m"
+    assert table.largest_fitting(7.0).alias == "llama-3.2-1b"
     # with room for every model: the largest of the table (rnj-1, 8.3B, since the seed's list joined it)
-    assert report.largest_fitting(1000).alias == max(report.KNOWN_MODELS, key=lambda m: m.params_b).alias == "rnj-1"
-    assert report.largest_fitting(0.5) is None
+    assert table.largest_fitting(1000).alias == max(models.KNOWN_MODELS, key=lambda m: m.params_b).alias == "rnj-1"
+    assert table.largest_fitting(0.5) is None
 
 
 def test_models_table_has_memory_and_fits_here(capsys):

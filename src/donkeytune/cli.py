@@ -70,7 +70,7 @@ COMMANDS = {
            "a local web page for the whole job: data, live training, side-by-side chat, GGUF"),
     "summary": (config.ModelOptions, _stage("use.summary"),
                 "what the last run produced and how to use it"),
-    "models": (None, _stage("report", "print_models"),
+    "models": (None, _stage("models.table"),
                "list the built-in and tested models, and which fit here"),
     "doctor": (None, _stage("doctor"),
                "versions, compute device, memory, disk, and the largest model that fits"),

@@ -8,7 +8,8 @@ import platform
 import shutil
 from pathlib import Path
 
-from . import device, models, report, runinfo
+from . import device, models, runinfo
+from .models import table
 from .train import memory
 
 
@@ -63,7 +64,7 @@ def lines(output_dir: str = "output") -> list[tuple[str, str]]:
     llama = vers.get("llama_cpp_python")
     builtin = models.find_known("smollm2-135m")
     packaged = importlib.util.find_spec(builtin.package) is not None
-    fit = report.largest_fitting(avail)
+    fit = table.largest_fitting(avail)
     rows = [
         ("python", f"{vers['python']} ({platform.system()} {platform.machine()})"),
         ("packages", ", ".join(f"{k} {v}" for k, v in vers.items() if k != "python")),

