@@ -112,7 +112,7 @@ def base_gguf(base_dir: Path, qtype: str, data_dir: str | None = None) -> Path:
                 from ..gguf import fidelity  # noqa: PLC0415
 
                 imatrix = fidelity.reference(base_dir, data_dir, conversations=1, tokens=1,
-                                             questions=False).imatrix
+                                             questions=False).imatrix_for(full)
             quantize.quantize(full, target, qtype, imatrix=imatrix)
             full.unlink()
     return target
