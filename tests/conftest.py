@@ -95,19 +95,3 @@ def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-# Slow tests added in session 5 that were never seen passing before it ended (the session's machine
-# was too loaded to run them): expected to fail until someone runs and mends them. Not strict: a pass
-# shows as XPASS. Remove an entry once its test is green.
-UNVERIFIED_SLOW = ("tests/test_exporters.py::test_our_tensors_equal_llama_cpps",
-                   "tests/test_exporters.py::test_convert_stage_through_llama_cpp",
-                   "tests/test_families.py::test_exports_and_matches_transformers",
-                   "tests/test_fidelity.py::test_builtin_model_converted_with_defaults_answers_paris",
-                   "tests/test_tokenizers_real.py::test_our_vocab_equals_llama_cpps")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("slow") and item.nodeid.startswith(UNVERIFIED_SLOW):
-            item.add_marker(pytest.mark.xfail(reason="added in session 5, never run green yet", strict=False))

@@ -120,10 +120,15 @@ def test_exports_and_matches_transformers(name, family, tmp_path):
     out = export(folder, tmp_path / f"{name}.gguf", "f32")
     got = cpp_logits(out, ids)
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
-    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    # a random model has near-ties: the argmax must agree wherever the reference's lead over its
+    # runner-up is more than twice the largest logit error (a flip there is not rounding)
+    top2 = np.sort(ref, -1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > 2 * float(np.abs(got - ref).max())
+    agree = float((got.argmax(-1) == ref.argmax(-1))[decisive].mean())
     record(name, exporter=chosen.exporter, gguf_arch=reader_fields(out)["general.architecture"],
-           rel_error=err, argmax=agree)
-    assert err <= 1e-2 and agree >= 0.99, f"relative error {err:.2e}, argmax agreement {agree:.2f}"
+           rel_error=err, argmax=agree, decisive=int(decisive.sum()), positions=len(ids))
+    assert decisive.mean() >= 0.5, f"only {decisive.sum()} of {len(ids)} positions have a clear argmax"
+    assert err <= 1e-2 and agree == 1.0, f"relative error {err:.2e}, argmax agreement {agree:.2f}"
     if name == "gemma3-vision":
         import gguf
 
