@@ -17,7 +17,7 @@ from tiny_families import make_family
 
 from donkeytune import config, device, train
 from donkeytune.errors import ModelError
-from donkeytune.gguf import export, llamacpp, plan, stage
+from donkeytune.gguf import convert, export, llamacpp, plan
 
 needs_converter = pytest.mark.skipif(llamacpp.converter_dir() is None,
                                      reason="llama.cpp's converter is not installed (make setup)")
@@ -172,7 +172,7 @@ def test_convert_stage_through_llama_cpp(granite, tmp_path, capsys):
     """Train, then convert: the converter's GGUF is quantized and gets its Modelfile."""
     opts = train_options(granite, tmp_path, iters=2)
     train.run(opts)
-    quant = stage.run(config.resolve(config.ConvertOptions, {
+    quant = convert.run(config.resolve(config.ConvertOptions, {
         "output_dir": opts.output_dir, "quantize": "Q8_0"}, environ={}))
     err = capsys.readouterr().err
     assert err.count("GGUF: llama.cpp's converter") == 2  # before training, and at convert

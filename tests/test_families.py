@@ -139,7 +139,7 @@ def test_exports_and_matches_transformers(name, family, tmp_path):
 def test_fused_multimodal_model_exports_its_text_model(family, tmp_path, capsys):
     """Gemma3ForConditionalGeneration: train (language model only), convert, run."""
     from donkeytune import train
-    from donkeytune.gguf import stage
+    from donkeytune.gguf import convert
     from donkeytune.gguf.runtime import load_llama
     from conftest import write_jsonl
 
@@ -154,7 +154,7 @@ def test_fused_multimodal_model_exports_its_text_model(family, tmp_path, capsys)
     assert "vision part is left out" in capsys.readouterr().err
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert "language_model" in cfg["target_modules"]
-    quant = stage.run(config.resolve(config.ConvertOptions, {
+    quant = convert.run(config.resolve(config.ConvertOptions, {
         "output_dir": opts.output_dir, "quantize": "Q8_0"}, environ={}))
     assert reader_fields(quant)["general.architecture"] == "gemma3"
     assert (quant.parent / "Modelfile").is_file()

@@ -4,6 +4,7 @@ way every file is written: atomically."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,14 @@ OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what our exporter writes (gguf/ten
 # llama.cpp's quantization types: name -> (llama_ftype number, bytes per weight in the file)
 QUANT_TYPES = {"Q4_K_M": (15, 4.85 / 8), "Q5_K_M": (17, 5.69 / 8), "Q6_K": (18, 6.56 / 8),
                "Q8_0": (7, 34 / 32), "Q4_0": (2, 18 / 32), "F16": (1, 2), "BF16": (32, 2)}
+
+
+def model_name(reference: str) -> str:
+    """A file-name-friendly name of a model reference (alias, repo name or folder name): the
+    <model> of output/gguf/<model>-finetuned-<TYPE>.gguf."""
+    name = Path(reference.rstrip("/")).name
+    name = name.removesuffix(".gguf")
+    return re.sub(r"[^\w.-]+", "-", name) or "model"
 
 
 @contextmanager

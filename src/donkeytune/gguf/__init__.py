@@ -5,7 +5,7 @@ torch, flat memory) for the architectures in archs.py, llama.cpp's own converter
 from __future__ import annotations
 
 from .archs import ARCHS
-from .convert import export_adapter
+from .adapter import export_adapter
 from .exporters import Plan, export, plan
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHS)  # the built-in exporter's

@@ -1,4 +1,5 @@
-"""Which exporter writes a model's GGUF: ours (gguf/convert.py) or llama.cpp's converter.
+"""Which exporter writes a model's GGUF: ours (gguf/builtin.py) or llama.cpp's converter; and
+the `export` command (any supported HF folder -> GGUF).
 
 `plan` answers from config.json and the safetensors headers alone (no weights, no torch), so
 training can refuse a model that cannot be exported before it loads it.
@@ -10,8 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import EXPORTERS
+from ..config import EXPORTERS, ExportOptions
 from ..errors import ConfigError, DonkeyError, ModelError
+from ..files import check_not_input
+from ..progress import say, status
 
 BUILTIN, LLAMA_CPP = "builtin", "llama.cpp"
 NAMES = {BUILTIN: "built-in exporter", LLAMA_CPP: "llama.cpp's converter"}
@@ -34,6 +37,19 @@ class Plan:
         extra = f" ({self.architecture}: the text model; the {' and '.join(self.left_out)} " \
                 f"part{'s are' if len(self.left_out) > 1 else ' is'} left out)" if self.left_out else ""
         return f"GGUF: {NAMES[self.exporter]}{extra}"
+
+
+def run(opts: ExportOptions) -> Path:
+    """The `export` command: the HF folder as a GGUF file of type OUTTYPE."""
+    from ..train import memory  # noqa: PLC0415
+
+    check_not_input(opts.out, opts.hf_dir, "GGUF file")
+    memory.check_model_write(Path(opts.hf_dir), Path(opts.out).parent, [opts.outtype], "the GGUF file")
+    say(usable_plan(Path(opts.hf_dir), opts.exporter).line)
+    with status(f"Exporting {opts.hf_dir} to {opts.out} ({opts.outtype})"):
+        out = export(Path(opts.hf_dir), Path(opts.out), opts.outtype, exporter=opts.exporter)
+    say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")
+    return out
 
 
 def plan(hf_dir: Path, exporter: str = "auto") -> Plan:
@@ -69,6 +85,14 @@ def plan(hf_dir: Path, exporter: str = "auto") -> Plan:
                 "(see `donkeytune models`), or a newer llama-cpp-python and `make setup`")
 
 
+def usable_plan(hf_dir: Path, exporter: str = "auto") -> Plan:
+    """`plan`, with the reason raised when the model cannot be exported."""
+    chosen = plan(hf_dir, exporter)
+    if chosen.exporter is None:
+        raise ModelError(f"{hf_dir}: {chosen.line}", chosen.fix)
+    return chosen
+
+
 def for_architecture(name: str | None) -> str:
     """Which exporter `auto` takes for an architecture name, for tables (no config checks)."""
     from . import llamacpp  # noqa: PLC0415 - `python -m donkeytune.gguf.llamacpp` runs it
@@ -90,12 +114,9 @@ def export(hf_dir: Path, out_path: Path, outtype: str = "f16", progress=None,
     """Write the model in `hf_dir` as a GGUF file with the exporter `plan` picks."""
     from . import llamacpp  # noqa: PLC0415 - `python -m donkeytune.gguf.llamacpp` runs it
 
-    from .convert import export as builtin_export  # noqa: PLC0415
+    from .builtin import export as builtin_export  # noqa: PLC0415
 
-    chosen = plan(hf_dir, exporter)
-    if chosen.exporter is None:
-        raise ModelError(f"{hf_dir}: {chosen.line}", chosen.fix)
-    if chosen.exporter == BUILTIN:
+    if usable_plan(hf_dir, exporter).exporter == BUILTIN:
         return builtin_export(hf_dir, out_path, outtype, progress)
     from .tensors import OUTTYPES  # noqa: PLC0415
 
@@ -109,7 +130,7 @@ def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
     keys and a GGUF name for every tensor, checked without reading any weight."""
     import gguf  # noqa: PLC0415
 
-    from . import convert, tensors  # noqa: PLC0415
+    from . import builtin, tensors  # noqa: PLC0415
     from .archs import ARCHS, arch_for, text_config, write_hparams  # noqa: PLC0415
 
     names = cfg.get("architectures") or []
@@ -121,7 +142,7 @@ def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
         arch = arch_for(text, hf_dir)
         write_hparams(gguf.GGUFWriter(None, arch.name), arch, text)
         if list(hf_dir.glob("*.safetensors")):
-            convert.plan_model(tensors.index(hf_dir), text, arch, tensors.OUTTYPES["f16"])
+            builtin.plan_model(tensors.index(hf_dir), text, arch, tensors.OUTTYPES["f16"])
     except (DonkeyError, KeyError, TypeError, ValueError) as e:
         return f"cannot write it: {e.message if isinstance(e, DonkeyError) else repr(e)}"
     return None

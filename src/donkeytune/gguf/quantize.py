@@ -1,4 +1,5 @@
-"""Quantizing a GGUF with llama.cpp's own quantizer, through llama-cpp-python (no CLI needed).
+"""The `quantize` command and the function under it: a GGUF quantized by llama.cpp's own quantizer,
+through llama-cpp-python (no CLI needed).
 
 K-quants (Q4_K_M...) exist only in llama.cpp's C code, so this is the one way to make them
 without a llama.cpp checkout. Tokenizer and chat template metadata are copied as they are.
@@ -15,13 +16,27 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import QuantizeOptions
 from ..errors import ConfigError, ModelError
-from ..files import QUANT_TYPES, atomic
-from ..progress import say
+from ..files import QUANT_TYPES, atomic, check_not_input
+from ..progress import say, status
 
 # llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
 QTYPES = {name: ftype for name, (ftype, _bytes) in QUANT_TYPES.items()}
 _SOURCE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type llama.cpp requantizes well
+
+
+def run(opts: QuantizeOptions) -> Path:
+    """The `quantize` command: a 16- or 32-bit GGUF quantized to TYPE."""
+    from ..train import memory  # noqa: PLC0415
+
+    check_not_input(opts.output, opts.input, "quantized GGUF")
+    memory.check_model_write(Path(opts.input), Path(opts.output).parent, [opts.type],
+                             "the quantized GGUF")
+    with status(f"Quantizing {opts.input} to {opts.type}"):
+        out = quantize(Path(opts.input), Path(opts.output), opts.type)
+    say(f"  {out}  {out.stat().st_size / 1e6:.1f} MB")
+    return out
 
 
 def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int | None = None,

@@ -8,8 +8,7 @@ from pathlib import Path
 from .. import runinfo
 from ..gguf import fidelity
 from ..config import ModelOptions
-from ..files import TEST_FILE
-from ..gguf.stage import model_name
+from ..files import TEST_FILE, model_name
 
 
 def read(path: Path) -> dict | None:
