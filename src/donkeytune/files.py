@@ -1,10 +1,14 @@
-"""The names of the files the stages write and read, the GGUF types they may hold, and the one
-way every file is written: atomically."""
+"""The names of the files the stages write and read, the GGUF types they may hold, the one
+way every file is written (atomically), and the lock of an output folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +21,7 @@ LEGACY_STATE_FILE = "trainer_state.pt"  # older runs' pickle of it: refused, nev
 MLX_STATE_FILE = "mlx_state.safetensors"  # an MLX checkpoint's optimizer state
 BEST_DIR = "best"  # adapters/best: the adapter of the lowest validation loss
 TEST_FILE = "test.json"  # `donkeytune test`'s answers, in output/report/
-LOCK_FILE = ".donkeytune.lock"  # held (flock) by the train run writing an adapter folder
+LOCK_FILE = ".donkeytune.lock"  # OUTPUT_DIR/.donkeytune.lock: held (flock) by the stage writing there
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what our exporter writes (gguf/tensors.py)
 # llama.cpp's quantization types: name -> (llama_ftype number, bytes per weight in the file)
@@ -67,3 +71,141 @@ def check_not_input(out, source, what: str = "output") -> None:
         where = "is the input itself" if same else f"is a file of the input folder {source}"
         raise ConfigError(f"the {what} {out} {where}: writing it would destroy the input",
                           "give an output path outside the input, e.g. output/gguf/model.gguf")
+
+
+_held: dict[str, list] = {}  # folder -> [fd, depth]: the locks this process holds
+
+
+def _lock_path(folder: Path) -> Path:
+    return Path(folder) / LOCK_FILE
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from what its holder wrote into the file (for the message only)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return (f"pid {info['pid']} on {info['host']}, since {info['since']}: "
+                f"{info['command']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _not_writable(folder: Path, e: OSError):
+    from .errors import ConfigError  # noqa: PLC0415
+
+    return ConfigError(f"cannot write into the output folder {folder}: {e.strerror or e}",
+                       "give an OUTPUT_DIR you can write to (--output-dir), or fix its permissions")
+
+
+@contextmanager
+def folder_lock(folder, stage: str):
+    """Hold the lock of an output folder while `stage` writes into it; a second writer is refused,
+    told who holds it. An OS advisory lock (flock) on an open file: the kernel drops it when the
+    holder dies, so a killed run never leaves it stuck. Re-entrant within one process (convert
+    calls fuse). The folder is created here, so an unwritable one is refused before any model
+    loads; the lock file goes when the stage ends, and the folder too if the stage left it empty."""
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(folder, stage)
+    except OSError as e:
+        _remove_if_empty(folder, created)
+        raise _not_writable(folder, e) from None
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        _lock_path(folder).unlink(missing_ok=True)  # while held: no one can take a stale inode
+        os.close(fd)  # closing the only descriptor releases the lock
+        _remove_if_empty(folder, created)
+
+
+def _remove_if_empty(folder: Path, created: bool) -> None:
+    """A stage refused before it wrote anything leaves no folder behind."""
+    if created:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
+def _acquire(folder: Path, stage: str) -> int:
+    """The locked descriptor of folder's lock file, its holder's details written into it."""
+    import fcntl  # noqa: PLC0415  (POSIX; on Windows, DonkeyTune runs under WSL)
+
+    from .errors import ConfigError  # noqa: PLC0415
+
+    path = _lock_path(folder)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"{folder} is in use: another DonkeyTune run is writing there ({holder}); "
+                f"a second {stage} would mix its files with that run's",
+                "wait for it to finish (or stop it), or give this run another --output-dir "
+                "(OUTPUT_DIR=...)") from None
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else its holder removed it as we opened it: take the new one
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    command = " ".join(["donkeytune", *sys.argv[1:]]) if sys.argv else stage
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+    return fd
+
+
+def folder_busy(folder) -> str | None:
+    """Who holds the lock of an output folder (a terminal's `donkeytune train`, say), or None
+    when no one does. Tried without waiting, and let go at once."""
+    import fcntl  # noqa: PLC0415
+
+    try:
+        fd = os.open(_lock_path(folder), os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no stage is writing there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+def output_lock(path, stage: str):
+    """The lock of the run folder a file is written into (output/gguf/x.gguf), if it is in one."""
+    from contextlib import nullcontext  # noqa: PLC0415
+
+    folder = run_folder_of(path)
+    return folder_lock(folder, stage) if folder else nullcontext()
+
+
+def run_folder_of(path) -> Path | None:
+    """The output folder a file is written into, when it lies in one (output/gguf/x.gguf ->
+    output): the nearest parent folder that holds a trained run (adapters/donkeytune.json)."""
+    here = Path(path).absolute().parent
+    for folder in (here, here.parent):
+        if (folder / "adapters" / RUN_FILE).is_file():
+            return folder
+    return None

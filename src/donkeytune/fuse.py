@@ -9,12 +9,17 @@ from . import device, runinfo
 from .train import memory
 from .config import FuseOptions
 from .errors import ModelError
-from .files import ADAPTER_FILE
+from .files import ADAPTER_FILE, folder_lock
 from .progress import say, status
 
 
 def run(opts: FuseOptions) -> Path:
     """Fuse output/adapters into its base model; returns the fused folder."""
+    with folder_lock(opts.output_dir, "fuse"):
+        return _run(opts)
+
+
+def _run(opts: FuseOptions) -> Path:
     import torch  # noqa: PLC0415
     from peft import PeftModel  # noqa: PLC0415
 

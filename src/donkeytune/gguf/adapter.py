@@ -12,7 +12,7 @@ import gguf
 from .. import runinfo
 from ..config import ExportAdapterOptions
 from ..errors import ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, model_name
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, model_name, output_lock
 from ..progress import say, status
 from . import tensors as T
 from .archs import arch_for, text_config
@@ -25,7 +25,7 @@ def run(opts: ExportAdapterOptions) -> Path:
     run_info = runinfo.read_run(adapter_dir)
     base = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
     out = Path(opts.out or adapter_dir.parent / "gguf" / f"{model_name(run_info['base_model'])}-adapter.gguf")
-    with status(f"Exporting the adapter {adapter_dir} to {out}"):
+    with output_lock(out, "export-adapter"), status(f"Exporting the adapter {adapter_dir} to {out}"):
         export_adapter(adapter_dir, base, out)
     say(f"  {out}  {out.stat().st_size / 1e6:.2f} MB  (base model: {run_info['base_model']})")
     return out

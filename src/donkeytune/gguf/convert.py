@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import runinfo
 from ..config import ConvertOptions
-from ..files import model_name
+from ..files import folder_lock, model_name
 from ..progress import say, status
 from ..train import memory
 from .exporters import export, usable_plan
@@ -29,6 +29,11 @@ def gguf_paths(opts: ConvertOptions, run: dict) -> tuple[Path, Path]:
 
 def run(opts: ConvertOptions) -> Path:
     """Fuse + export + quantize the trained adapter; returns the quantized GGUF."""
+    with folder_lock(opts.output_dir, "convert"):
+        return _run(opts)
+
+
+def _run(opts: ConvertOptions) -> Path:
     from .. import fuse  # noqa: PLC0415
     from . import fidelity  # noqa: PLC0415
 

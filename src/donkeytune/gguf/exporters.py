@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import EXPORTERS, ExportOptions
 from ..errors import ConfigError, DonkeyError, ModelError
-from ..files import check_not_input
+from ..files import check_not_input, output_lock
 from ..progress import say, status
 
 BUILTIN, LLAMA_CPP = "builtin", "llama.cpp"
@@ -41,6 +41,11 @@ class Plan:
 
 def run(opts: ExportOptions) -> Path:
     """The `export` command: the HF folder as a GGUF file of type OUTTYPE."""
+    with output_lock(opts.out, "export"):  # into a run's folder: not while its train writes
+        return _run(opts)
+
+
+def _run(opts: ExportOptions) -> Path:
     from ..train import memory  # noqa: PLC0415
 
     check_not_input(opts.out, opts.hf_dir, "GGUF file")

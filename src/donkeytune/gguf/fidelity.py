@@ -304,6 +304,13 @@ def quantize_and_check(full: Path, stem: str, qtype: str, ref: Reference | None,
 
 def run(opts: config.FidelityOptions) -> Path:
     """`donkeytune fidelity`: check GGUF files against the fused model (or --model)."""
+    from ..files import folder_lock  # noqa: PLC0415
+
+    with folder_lock(opts.output_dir, "fidelity"):
+        return _run(opts)
+
+
+def _run(opts: config.FidelityOptions) -> Path:
     gguf_dir = Path(opts.output_dir) / "gguf"
     meta_file = gguf_dir / runinfo.RUN_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import QuantizeOptions
 from ..errors import ConfigError, ModelError
-from ..files import QUANT_TYPES, atomic, check_not_input
+from ..files import QUANT_TYPES, atomic, check_not_input, output_lock
 from ..progress import say, status
 
 # llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
@@ -28,6 +28,11 @@ _SOURCE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type llama.cpp 
 
 def run(opts: QuantizeOptions) -> Path:
     """The `quantize` command: a 16- or 32-bit GGUF quantized to TYPE."""
+    with output_lock(opts.output, "quantize"):  # into a run's folder: not while it is written
+        return _run(opts)
+
+
+def _run(opts: QuantizeOptions) -> Path:
     from ..train import memory  # noqa: PLC0415
 
     check_not_input(opts.output, opts.input, "quantized GGUF")

@@ -26,6 +26,12 @@ from .loop import Best, Job
 def run(opts: TrainOptions) -> Path:
     """Train a LoRA adapter; returns the adapter folder (output/adapters)."""
     device.bound_kernel_caches()  # before the first matmul (the CLI has done it already)
+    # first of all: a run in progress there would otherwise look like an interrupted one
+    with distributed.writer_lock(opts):
+        return _run(opts)
+
+
+def _run(opts: TrainOptions) -> Path:
     opts, dataset, checkpoint, resume = _checked(opts)
     group = distributed.worker()  # None unless this process is one of several torchrun workers
     if opts.workers > 1 and group is None:

@@ -14,7 +14,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
+
+LAUNCHER_ENV = "DONKEYTUNE_LAUNCHER_PID"  # set by launch() for its workers: it holds the lock
 
 
 @dataclass
@@ -72,6 +75,21 @@ def worker() -> Group | None:
     return Group(dist.get_rank(), world, local)
 
 
+def writer_lock(opts):
+    """The output folder's lock (files.folder_lock), taken by the one process that writes there:
+    a single process; for several workers the launcher (not its workers), or, under a torchrun
+    started by hand, the first worker. Machines other than the first of NNODES write nothing."""
+    from ..files import folder_lock  # noqa: PLC0415
+
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1") or 1) > 1:  # a worker, as worker() tells
+        if LAUNCHER_ENV in env or env.get("RANK", "0") != "0":
+            return nullcontext()
+    elif opts.node_rank > 0:
+        return nullcontext()
+    return folder_lock(opts.output_dir, "train")
+
+
 def rendezvous(opts) -> list[str]:
     """torchrun's arguments: one machine (--standalone), or machine NODE_RANK of NNODES meeting
     at MASTER_ADDR:MASTER_PORT (static rendezvous: machine k runs workers k*DEVICES and up)."""
@@ -92,7 +110,8 @@ def launch(opts) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous(opts),
            "-m", "donkeytune", "train", "--config", f.name]
     try:
-        return subprocess.call(cmd)  # workers see WORLD_SIZE and do not launch again
+        # workers see WORLD_SIZE and do not launch again, nor take the lock this process holds
+        return subprocess.call(cmd, env=dict(os.environ, **{LAUNCHER_ENV: str(os.getpid())}))
     finally:
         os.unlink(f.name)
 

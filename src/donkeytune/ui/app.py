@@ -229,7 +229,8 @@ def snapshot(project: Project, jobs: Jobs) -> dict:
     job = jobs.describe()
     run = project.run_info()
     conv = project.converted()
-    out = {"job": job, "run": None, "files": [], "fidelity": project.read_json("gguf", "fidelity.json"),
+    out = {"job": job, "elsewhere": jobs.elsewhere(), "run": None, "files": [],
+           "fidelity": project.read_json("gguf", "fidelity.json"),
            "test": project.read_json("report", "test.json"), "commands": []}
     if run:
         o = run.get("options", {})

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DonkeyError
+from ..files import folder_busy
 
 KINDS = ("train", "convert", "test")
 STOP_WAIT = 120  # seconds a stopping job gets before the page's server gives up on it
@@ -80,6 +81,10 @@ class Jobs:
             if other:
                 raise Busy(f"another DonkeyTune page is running a {other['kind']} job in "
                            f"{self.out} (pid {other['pid']})", "wait for it, or stop it there")
+            outside = self.elsewhere()
+            if outside:
+                raise Busy(f"a DonkeyTune run started outside this page is writing in {self.out} "
+                           f"({outside})", "wait for it to finish, or stop it where it runs")
             self.folder.mkdir(parents=True, exist_ok=True)
             log = self.folder / f"{kind}.log"
             argv = [kind, *args]
@@ -116,6 +121,13 @@ class Jobs:
 
     def describe(self) -> dict | None:
         return self.current.describe() if self.current else None
+
+    def elsewhere(self) -> str | None:
+        """Who holds the run folder's lock while this page runs no job there: a `donkeytune
+        train` (or convert, ...) started from a terminal, say."""
+        if self.current is not None and self.current.running:
+            return None  # our own job holds it
+        return folder_busy(self.out)
 
     def _reap(self, job: Job) -> None:
         job.proc.wait()

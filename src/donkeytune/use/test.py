@@ -14,7 +14,7 @@ from ..config import TestOptions
 from ..errors import ConfigError
 from ..data.load import keyword_hit as hit
 from ..gguf.runtime import chat_gguf
-from ..files import TEST_FILE
+from ..files import TEST_FILE, folder_lock
 from ..progress import say, status
 from .chat import converted_gguf
 
@@ -37,6 +37,11 @@ def default_prompts(data_dir: str | None, n: int) -> list[dict]:
 
 def run(opts: TestOptions) -> list[dict]:
     """Answer the prompts with base and fine-tuned model; returns one dict per prompt."""
+    with folder_lock(opts.output_dir, "test"):  # its report/test.json, and no adapter in flux
+        return _run(opts)
+
+
+def _run(opts: TestOptions) -> list[dict]:
     run_info = runinfo.read_run(opts.run_dir)
     base_dir = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code,
                                      allow_pickle=opts.allow_pickle)
