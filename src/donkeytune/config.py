@@ -15,11 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files
-from .errors import ConfigError
-from .files import OUT_TYPES
 from .data.formats import FORMATS
-from .files import ADAPTER_FILE, BEST_DIR
+from .errors import ConfigError
+from .files import ADAPTER_FILE, BEST_DIR, DEFAULT_QUANT, OUT_TYPES, QUANT_TYPES
 
 ENV_PREFIX = "DONKEYTUNE_"
 # The seed's defaults, the `seed` recipe (recipe.py chooses the others)
@@ -378,7 +376,6 @@ class TestOptions(AdapterChoice):
                            env="GGUF")
 
 
-QUANT_TYPES = tuple(files.QUANT_TYPES)
 # QUANTIZE=auto: the first of these, smallest first, whose fidelity stays within AUTO_TOLERANCE
 # of the f16 file (agreement points lost, KL added, held-out answers lost; gguf/fidelity.py)
 AUTO_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
@@ -449,7 +446,7 @@ class ExportOptions(ExporterOptions):
 class QuantizeOptions:
     input: str = opt(None, "GGUF file in f32, f16 or bf16", positional=True, required=True)
     output: str = opt(None, "quantized GGUF file to write", positional=True, required=True)
-    type: str = opt("Q4_K_M", "llama.cpp quantization type: " + ", ".join(QUANT_TYPES),
+    type: str = opt(DEFAULT_QUANT, "llama.cpp quantization type: " + ", ".join(QUANT_TYPES),
                     env="QUANTIZE")
 
 

@@ -27,6 +27,15 @@ OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what our exporter writes (gguf/ten
 # llama.cpp's quantization types: name -> (llama_ftype number, bytes per weight in the file)
 QUANT_TYPES = {"Q4_K_M": (15, 4.85 / 8), "Q5_K_M": (17, 5.69 / 8), "Q6_K": (18, 6.56 / 8),
                "Q8_0": (7, 34 / 32), "Q4_0": (2, 18 / 32), "F16": (1, 2), "BF16": (32, 2)}
+DEFAULT_QUANT = "Q4_K_M"  # the seed's QUANTIZE: `quantize`'s default type
+UNQUANTIZED = ("F32", "F16", "BF16")  # the GGUF types llama.cpp quantizes from (F32: llama_ftype 0)
+
+
+def type_in_name(path, types=(*QUANT_TYPES, "F32")) -> str | None:
+    """The GGUF type a file's name ends with (…-Q4_K_M.gguf, …-bf16.gguf), the longest that
+    fits (BF16, not F16); None when it names none of `types`."""
+    stem = Path(path).stem.upper()
+    return next((t for t in sorted(types, key=len, reverse=True) if stem.endswith(t)), None)
 
 
 def model_name(reference: str) -> str:
@@ -52,10 +61,13 @@ def atomic(path: Path, suffix: str = ""):
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write a text file atomically (UTF-8)."""
+def write_atomic(path: Path, content: str | bytes) -> Path:
+    """Write a file atomically: text (UTF-8) or bytes."""
     with atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        else:
+            tmp.write_bytes(content)
     return Path(path)
 
 

@@ -9,6 +9,5 @@ from .adapter import export_adapter
 from .exporters import Plan, export, plan
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHS)  # the built-in exporter's
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
-__all__ = ["export", "export_adapter", "plan", "Plan", "SUPPORTED_ARCHITECTURES", "OUTTYPES"]
+__all__ = ["export", "export_adapter", "plan", "Plan", "SUPPORTED_ARCHITECTURES"]

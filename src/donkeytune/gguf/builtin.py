@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError
-from ..files import atomic
+from ..files import OUT_TYPES, atomic
 from . import tensors as T
 from .archs import Arch, arch_for, text_config, write_hparams
 from .vocab import add_vocab
@@ -37,10 +37,9 @@ class Planned:
 def export(hf_dir: Path, out_path: Path, outtype: str = "f16", progress: Progress | None = None) -> Path:
     """Write the model in `hf_dir` as a GGUF file at `out_path` (f32, f16, bf16 or q8_0)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    if outtype.lower() not in T.OUTTYPES:
-        raise ConfigError(f"unknown GGUF export type {outtype!r}",
-                          "use one of: " + ", ".join(T.OUTTYPES))
-    qtype = T.OUTTYPES[outtype.lower()]
+    if outtype.lower() not in OUT_TYPES:
+        raise ConfigError(f"unknown GGUF export type {outtype!r}", "use one of: " + ", ".join(OUT_TYPES))
+    qtype = T.GGML_TYPES[outtype.lower()]
     cfg = text_config(read_config(hf_dir))
     arch = arch_for(cfg, hf_dir)
     plan = plan_model(T.index(hf_dir), cfg, arch, qtype)

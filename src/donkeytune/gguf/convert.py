@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .. import runinfo
-from ..config import ConvertOptions
+from ..config import AUTO_TYPES, ConvertOptions
 from ..files import folder_lock, model_name
 from ..progress import say, status
 from ..train import memory
@@ -42,7 +42,7 @@ def _run(opts: ConvertOptions) -> Path:
     if not _fused_is_current(opts):
         fuse.run(opts)
     memory.check_model_write(opts.fused_dir, opts.gguf_dir,
-                             [opts.outtype, "Q8_0" if opts.quantize == "AUTO" else opts.quantize],
+                             [opts.outtype, AUTO_TYPES[-1] if opts.quantize == "AUTO" else opts.quantize],
                              "the GGUF files")
     timings = []
     t = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import EXPORTERS, ExportOptions
 from ..errors import ConfigError, DonkeyError, ModelError
-from ..files import check_not_input, output_lock
+from ..files import OUT_TYPES, check_not_input, output_lock
 from ..progress import say, status
 
 BUILTIN, LLAMA_CPP = "builtin", "llama.cpp"
@@ -123,10 +123,8 @@ def export(hf_dir: Path, out_path: Path, outtype: str = "f16", progress=None,
 
     if usable_plan(hf_dir, exporter).exporter == BUILTIN:
         return builtin_export(hf_dir, out_path, outtype, progress)
-    from .tensors import OUTTYPES  # noqa: PLC0415
-
-    if outtype.lower() not in OUTTYPES:
-        raise ConfigError(f"unknown GGUF export type {outtype!r}", "use one of: " + ", ".join(OUTTYPES))
+    if outtype.lower() not in OUT_TYPES:
+        raise ConfigError(f"unknown GGUF export type {outtype!r}", "use one of: " + ", ".join(OUT_TYPES))
     return llamacpp.convert(hf_dir, out_path, outtype)
 
 
@@ -147,7 +145,7 @@ def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
         arch = arch_for(text, hf_dir)
         write_hparams(gguf.GGUFWriter(None, arch.name), arch, text)
         if list(hf_dir.glob("*.safetensors")):
-            builtin.plan_model(tensors.index(hf_dir), text, arch, tensors.OUTTYPES["f16"])
+            builtin.plan_model(tensors.index(hf_dir), text, arch, tensors.GGML_TYPES["f16"])
     except (DonkeyError, KeyError, TypeError, ValueError) as e:
         return f"cannot write it: {e.message if isinstance(e, DonkeyError) else repr(e)}"
     return None

@@ -23,12 +23,12 @@ import numpy as np
 
 from .. import config, data, device, runinfo
 from ..errors import ModelError
+from ..files import UNQUANTIZED, type_in_name, write_atomic
 from ..progress import say, status, warn
 
 FIDELITY_FILE = "fidelity.json"  # in output/gguf/
 REPORT_HEADING = "## GGUF fidelity"
 WARN_POINTS = 5.0  # a GGUF this many agreement points below the unquantized one is flagged
-UNQUANTIZED = ("F32", "F16", "BF16")
 IMATRIX_TOKENS = 16384  # training tokens the importance weights are measured on, at most
 
 
@@ -204,10 +204,9 @@ def check(path: Path, ref: Reference, n_threads: int | None = None) -> dict:
 
 def gguf_type(path: Path) -> str:
     """The type a GGUF file's name ends with (…-Q4_K_M.gguf, …-f16.gguf), else its file type."""
-    stem = Path(path).stem.upper()
-    for name in (*config.QUANT_TYPES, "F32"):
-        if stem.endswith(name):
-            return name
+    named = type_in_name(path)
+    if named:
+        return named
     import gguf  # noqa: PLC0415
 
     field_ = gguf.GGUFReader(path).get_field(gguf.Keys.General.FILE_TYPE)
@@ -422,7 +421,4 @@ def report_markdown(gguf_dir: Path, report_dir: Path) -> Path | None:
                f"QUANTIZE=auto takes the smallest of {', '.join(doc['auto_types'])} within "
                f"{tolerance_text(doc['tolerance'])}. Figures in `{Path(gguf_dir) / FIDELITY_FILE}`.", ""]
     body = head.rstrip("\n") + "\n\n" + "\n".join(section) + tail.lstrip("\n")
-    tmp = summary.with_name(".summary.md.partial")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(summary)
-    return summary
+    return write_atomic(summary, body)

@@ -18,12 +18,12 @@ import numpy as np
 
 from ..config import QuantizeOptions
 from ..errors import ConfigError, ModelError
-from ..files import QUANT_TYPES, atomic, check_not_input, output_lock
+from ..files import DEFAULT_QUANT, QUANT_TYPES, UNQUANTIZED, atomic, check_not_input, output_lock
 from ..progress import say, status
 
 # llama_ftype values (llama.h); names as llama-quantize and Ollama spell them.
 QTYPES = {name: ftype for name, (ftype, _bytes) in QUANT_TYPES.items()}
-_SOURCE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type llama.cpp requantizes well
+_SOURCE_FTYPES = {0, *(QTYPES[t] for t in UNQUANTIZED if t in QTYPES)}  # 0: F32, not a QUANTIZE
 
 
 def run(opts: QuantizeOptions) -> Path:
@@ -44,7 +44,7 @@ def _run(opts: QuantizeOptions) -> Path:
     return out
 
 
-def quantize(in_gguf: Path, out_gguf: Path, qtype: str = "Q4_K_M", threads: int | None = None,
+def quantize(in_gguf: Path, out_gguf: Path, qtype: str = DEFAULT_QUANT, threads: int | None = None,
              imatrix: dict | None = None) -> Path:
     """Write `in_gguf` (an f32/f16/bf16 export) quantized to `qtype` at `out_gguf`.
 
@@ -124,6 +124,6 @@ def _check_source(path: Path) -> None:
     except (ValueError, OSError) as e:
         raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
     ftype = int(field.contents()) if field is not None else 0
-    if ftype not in _SOURCE_TYPES:
+    if ftype not in _SOURCE_FTYPES:
         raise ConfigError(f"{path} is already quantized (file type {ftype}); quantizing it "
                           "again would lose quality", "export the model as f16 and quantize that")

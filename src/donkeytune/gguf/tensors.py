@@ -19,7 +19,7 @@ from ..files import OUT_TYPES
 
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 Q = gguf.GGMLQuantizationType
-OUTTYPES = dict(zip(OUT_TYPES, (Q.F32, Q.F16, Q.BF16, Q.Q8_0)))
+GGML_TYPES = {t: Q[t.upper()] for t in OUT_TYPES}  # OUTTYPE -> the tensor type it writes
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 

@@ -18,8 +18,9 @@ from ..files import QUANT_TYPES
 
 GB = 1e9
 # Bytes per parameter of what fuse/export/quantize write (K-quants: llama.cpp's average bits / 8).
-FILE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f16": 2,
-              "q8_0": 34 / 32, **{name: size for name, (_ftype, size) in QUANT_TYPES.items()}}
+# A GGUF type is looked up upper-case (f16 -> F16, q8_0 -> Q8_0); torch dtypes as they are.
+FILE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4,
+              **{name: size for name, (_ftype, size) in QUANT_TYPES.items()}}
 # Python + torch + transformers + tokenizer + allocator slack: the intercept of peak RSS against
 # batch size for SmolLM2-135M (Linux x86 CPU, torch 2.13). On a GPU the CUDA context is about 0.5 GB.
 BASELINE = 0.7 * GB

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import config, runinfo
 from ..errors import DonkeyError
+from ..files import DEFAULT_QUANT, QUANT_TYPES
 from .jobs import Jobs
 from .project import MAX_UPLOAD, Project
 
@@ -60,7 +61,7 @@ def build_app(out: str | Path = "output", root: str | Path = ".", model: str | N
     @app.get("/api/state")
     def state():
         return dict(snapshot(project, jobs), data=project.check(), models=models_table(),
-                    quant_types=list(config.QUANT_TYPES), model=project.model,
+                    quant_types=list(QUANT_TYPES), model=project.model,
                     train_fields=list(TRAIN_FIELDS), out=project.rel(project.out))
 
     @app.put("/api/data/{name:path}")
@@ -96,7 +97,7 @@ def build_app(out: str | Path = "output", root: str | Path = ".", model: str | N
     @app.post("/api/convert")
     async def convert(request: Request):
         body = await _json(request)
-        quantize = str(body.get("quantize") or "Q4_K_M")
+        quantize = str(body.get("quantize") or DEFAULT_QUANT)
         config.resolve(config.ConvertOptions, {"quantize": quantize}, environ={})  # checked here
         return jobs.start("convert", ["--output-dir", str(project.out),
                                       "--quantize", quantize]).describe()

@@ -8,7 +8,6 @@ where each file is checked with the data loader before it replaces the old one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from .. import data, runinfo
 from ..data import tools as datatools
 from ..errors import DonkeyError
+from ..files import write_atomic
 
 MAX_UPLOAD = 100 << 20  # bytes of one uploaded file
 # what an upload may be called: a split, one file to split on the page, the held-out questions
@@ -72,7 +72,7 @@ class Project:
             errors = self._check_upload(staged)
             if errors:
                 return dict(self.check(), saved=False, upload=name, upload_errors=errors)
-            self._install(staged)
+            self._install(staged, body)
             return dict(self.check(), saved=True, upload=name, upload_errors=[])
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
@@ -89,7 +89,7 @@ class Project:
         return [self._problem(p.severity, staged.name, p.line, p.message, p.fix)
                 for p in got.problems]
 
-    def _install(self, staged: Path) -> None:
+    def _install(self, staged: Path, body: bytes) -> None:
         stem = staged.name.split(".")[0]
         if stem == "all":  # one file: split 80/20 as `donkeytune data split` does
             examples = data.read_file(staged).examples
@@ -100,7 +100,7 @@ class Project:
             return
         if stem in datatools.SPLITS:  # train.json replaces train.jsonl: the loader takes one
             self._drop_other(stem, staged.suffix)
-        os.replace(staged, self.data_dir / staged.name)
+        write_atomic(self.data_dir / staged.name, body)
 
     def _drop_other(self, split: str, keep_ext: str) -> None:
         for ext in (".jsonl", ".json"):

@@ -14,7 +14,7 @@ from ..config import TestOptions
 from ..errors import ConfigError
 from ..data.load import keyword_hit as hit
 from ..gguf.runtime import chat_gguf
-from ..files import TEST_FILE, folder_lock
+from ..files import QUANT_TYPES, TEST_FILE, UNQUANTIZED, folder_lock, type_in_name
 from ..progress import say, status
 from .chat import converted_gguf
 
@@ -106,7 +106,7 @@ def base_gguf(base_dir: Path, qtype: str, data_dir: str | None = None) -> Path:
     from .. import gguf  # noqa: PLC0415
     from ..gguf import quantize  # noqa: PLC0415
 
-    suffix = "-imatrix" if data_dir and qtype not in ("F16", "BF16") else ""
+    suffix = "-imatrix" if data_dir and qtype not in UNQUANTIZED else ""
     target = models.cache_dir() / "gguf" / f"{runinfo.model_fingerprint(base_dir)}-{qtype}{suffix}.gguf"
     if not target.is_file():
         full = target.with_name(target.stem + "-f16.gguf")
@@ -125,10 +125,7 @@ def base_gguf(base_dir: Path, qtype: str, data_dir: str | None = None) -> Path:
 
 def _gguf_type(path: Path) -> str:
     """The quantization type in a GGUF file's name (…-Q4_K_M.gguf), F16 when unknown."""
-    from ..config import QUANT_TYPES  # noqa: PLC0415
-
-    stem = path.stem.upper()
-    return next((q for q in QUANT_TYPES if stem.endswith(q)), "F16")
+    return type_in_name(path, QUANT_TYPES) or "F16"
 
 
 def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
