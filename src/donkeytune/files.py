@@ -71,6 +71,79 @@ def write_atomic(path: Path, content: str | bytes) -> Path:
     return Path(path)
 
 
+_FIXES = {RUN_FILE: "run the stage that wrote it again (train: --force; convert: `donkeytune "
+                   "convert`), or restore the file from a copy",
+          "config.json": "the model folder is damaged: download or copy it again"}
+
+
+def read_json(path, missing=...) -> dict:
+    """A file holding one JSON object (a run record, a model's config.json): a missing file is
+    `missing` when one is given; an unreadable, empty, damaged or non-object file is a clear
+    ModelError naming it, never a traceback in whichever stage read it."""
+    from .errors import ModelError  # noqa: PLC0415
+
+    path = Path(path)
+    if missing is not ... and not path.is_file():
+        return missing
+    fix = _FIXES.get(path.name, "fix or remove the file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}", fix) from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ModelError(f"{path} is damaged: JSON nested too deeply", fix) from None
+    except ValueError as e:  # JSONDecodeError, or a number of more than 4300 digits
+        reason = "the file is empty" if not text.strip() else f"not valid JSON ({e})"
+        raise ModelError(f"{path} is damaged: {reason}", fix) from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path} is damaged: a JSON object {{...}} was expected, "
+                         f"it holds {type(obj).__name__ if obj is not None else 'null'}", fix)
+    return obj
+
+
+def safetensors_header(path) -> tuple[int, dict]:
+    """The header length and JSON header of a safetensors file, checked against the file's size:
+    a truncated or damaged file is a clear ModelError before anything loads it."""
+    from .errors import ModelError  # noqa: PLC0415
+
+    path = Path(path)
+    size = path.stat().st_size
+
+    def damaged(why: str) -> ModelError:
+        return ModelError(f"{path} is damaged: {why}",
+                          "copy or download it again; a fused model: `donkeytune fuse` writes it "
+                          "again")
+
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 2 <= n <= min(size - 8, 1 << 27):
+            raise damaged(f"{size} bytes, no safetensors header" if size < 8 else
+                          f"its header length ({n} bytes) does not fit in the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((info["data_offsets"][1] for k, info in header.items()
+                       if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise damaged("its header is not valid safetensors JSON") from None
+    if not isinstance(end, int) or 8 + n + end > size:
+        raise damaged(f"truncated: its header describes {8 + n + end} bytes, the file has {size}")
+    return n, header
+
+
+def check_gguf(path) -> None:
+    """A file that claims to be a GGUF model starts with GGUF's magic bytes and version."""
+    from .errors import ModelError  # noqa: PLC0415
+
+    with Path(path).open("rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") not in (1, 2, 3):
+        raise ModelError(f"{path} is not a GGUF model file (it does not start with GGUF's magic "
+                         "bytes and version): damaged, or another kind of file",
+                         "pass a .gguf file written by DonkeyTune, llama.cpp or the Hub, or copy it again")
+
+
 def check_not_input(out, source, what: str = "output") -> None:
     """Refuse an output that would overwrite its own input: the input file itself, or a file
     of the input folder. Checked before anything is written."""

@@ -9,7 +9,7 @@ from . import device, runinfo
 from .train import memory
 from .config import FuseOptions
 from .errors import ModelError
-from .files import ADAPTER_FILE, folder_lock
+from .files import ADAPTER_FILE, folder_lock, read_json
 from .progress import say, status
 
 
@@ -76,9 +76,7 @@ def base_dtype(folder: Path) -> str:
 
 
 def _config(folder: Path) -> dict:
-    import json  # noqa: PLC0415
-
-    return json.loads((Path(folder) / "config.json").read_text())
+    return read_json(Path(folder) / "config.json")
 
 
 def _which(adapter: Path) -> str:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import ModelError
-from .files import ADAPTER_FILE, RUN_FILE, write_atomic
+from .files import ADAPTER_FILE, RUN_FILE, read_json, write_atomic
 
 
 
@@ -21,7 +21,7 @@ def write_json(path: Path, obj) -> Path:
 
 def model_fingerprint(folder: Path) -> str:
     """Identity of a base model: its config (shapes, vocab) and the size of its weights."""
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = read_json(Path(folder) / "config.json")
     for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"):
         cfg.pop(volatile, None)
     weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
@@ -62,7 +62,7 @@ def read_run(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{adapter_dir} holds no trained adapter ({RUN_FILE} missing)",
                          "train first (make train), or point --output-dir at a run's folder")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def base_model_of(run: dict, model: str | None, *, trust_remote_code: bool = False,
@@ -98,7 +98,7 @@ def check_gguf_current(path: Path, output_dir: str | Path) -> None:
     if not (adapter.is_file() and meta_file.is_file() and Path(path).is_file()
             and Path(path).resolve().parent == gguf_dir.resolve()):
         return  # no run here, or a GGUF of the user's own
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     record = meta.get("files", {}).get(Path(path).name)
     if record is None and meta.get("files"):
         return  # not one of convert's files

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,9 @@ def _records(raw: bytes, json_file: bool):
                 yield number, e
 
 
+TOO_LONG_NUMBER = f"invalid JSON: a number of more than {sys.get_int_max_str_digits()} digits"
+
+
 def _decode(line: bytes):
     try:
         text = line.decode("utf-8")
@@ -208,6 +212,8 @@ def _decode(line: bytes):
         raise ValueError(f"invalid JSON at column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise ValueError("invalid JSON: nested too deeply") from None
+    except ValueError:  # a number of more than 4300 digits (Python's limit)
+        raise ValueError(TOO_LONG_NUMBER) from None
 
 
 def _array_records(body: bytes):
@@ -240,6 +246,9 @@ def _array_records(body: bytes):
             except RecursionError:
                 yield start, ValueError("invalid JSON: nested too deeply "
                                         "(the rest of the array is not read)")
+                return
+            except ValueError:  # a number of more than 4300 digits (Python's limit)
+                yield start, ValueError(f"{TOO_LONG_NUMBER} (the rest of the array is not read)")
                 return
             yield start, obj
             pos = _skip_ws(text, pos)

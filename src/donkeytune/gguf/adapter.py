@@ -3,7 +3,6 @@ ADAPTER), written through our exporter's streaming writer."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import gguf
 from .. import runinfo
 from ..config import ExportAdapterOptions
 from ..errors import ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, model_name, output_lock
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, model_name, output_lock, read_json
 from ..progress import say, status
 from . import tensors as T
 from .archs import arch_for, text_config
@@ -64,7 +63,7 @@ def _adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.exists():
         raise ModelError(f"{adapter_dir} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    acfg = json.loads(path.read_text())
+    acfg = read_json(path)
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if acfg.get(k)]
     if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora") or unsupported:
         raise ModelError(f"{adapter_dir}: only plain LoRA adapters export to GGUF "

@@ -7,7 +7,6 @@ largest tensor, not the model. The file appears under its final name only when c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,7 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError
-from ..files import OUT_TYPES, atomic
+from ..files import OUT_TYPES, atomic, read_json
 from . import tensors as T
 from .archs import Arch, arch_for, text_config, write_hparams
 from .vocab import add_vocab
@@ -125,4 +124,4 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
         raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    return json.loads(path.read_text())
+    return read_json(path)

@@ -10,13 +10,12 @@ without losing quality.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from .. import runinfo
 from ..config import AUTO_TYPES, ConvertOptions
-from ..files import folder_lock, model_name
+from ..files import folder_lock, model_name, read_json
 from ..progress import say, status
 from ..train import memory
 from .exporters import export, usable_plan
@@ -81,6 +80,6 @@ def _fused_is_current(opts: ConvertOptions) -> bool:
     fused_run = opts.fused_dir / runinfo.RUN_FILE
     if not fused_run.is_file():
         return False
-    recorded = json.loads(fused_run.read_text())
+    recorded = read_json(fused_run)
     return (recorded.get("adapter_fingerprint") == runinfo.adapter_fingerprint(opts.chosen_adapter)
             and recorded.get("options", {}).get("dtype") == opts.dtype)

@@ -7,13 +7,12 @@ training can refuse a model that cannot be exported before it loads it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import EXPORTERS, ExportOptions
 from ..errors import ConfigError, DonkeyError, ModelError
-from ..files import OUT_TYPES, check_not_input, output_lock
+from ..files import OUT_TYPES, check_not_input, output_lock, read_json
 from ..progress import say, status
 
 BUILTIN, LLAMA_CPP = "builtin", "llama.cpp"
@@ -152,7 +151,6 @@ def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
 
 
 def _config(hf_dir: Path) -> dict:
-    try:
-        return json.loads((hf_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{hf_dir} is not a Hugging Face model folder (config.json: {e})") from None
+    if not (hf_dir / "config.json").is_file():
+        raise ModelError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+    return read_json(hf_dir / "config.json")

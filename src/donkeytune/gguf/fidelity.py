@@ -14,7 +14,6 @@ The only module of gguf/ that imports torch (for the fused model's side).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 from .. import config, data, device, runinfo
 from ..errors import ModelError
-from ..files import UNQUANTIZED, type_in_name, write_atomic
+from ..files import UNQUANTIZED, read_json, type_in_name, write_atomic
 from ..progress import say, status, warn
 
 FIDELITY_FILE = "fidelity.json"  # in output/gguf/
@@ -312,7 +311,7 @@ def run(opts: config.FidelityOptions) -> Path:
 def _run(opts: config.FidelityOptions) -> Path:
     gguf_dir = Path(opts.output_dir) / "gguf"
     meta_file = gguf_dir / runinfo.RUN_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_json(meta_file, missing={})
     if opts.model:
         from .. import models  # noqa: PLC0415
 
@@ -371,7 +370,7 @@ def write(gguf_dir: Path, ref: Reference, rows: list[dict], chosen: str | None =
           tol: dict | None = None) -> Path:
     """output/gguf/fidelity.json; rows of files checked earlier (other types) are kept."""
     path = Path(gguf_dir) / FIDELITY_FILE
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_json(path, missing={})
     same = old.get("model") == ref.model and old.get("cost") == ref.cost()
     merged = {r["file"]: r for r in (old.get("results", []) if same else [])}
     merged.update({r["file"]: r for r in rows})
@@ -385,7 +384,7 @@ def write(gguf_dir: Path, ref: Reference, rows: list[dict], chosen: str | None =
 
 def read(gguf_dir: Path) -> dict | None:
     path = Path(gguf_dir) / FIDELITY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, missing=None)
 
 
 def table(doc: dict) -> list[str]:

@@ -7,7 +7,6 @@ time, and handles bf16, which numpy has no dtype for.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import gguf
 import numpy as np
 
 from ..errors import ModelError
-from ..files import OUT_TYPES
+from ..files import OUT_TYPES, read_json, safetensors_header
 
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 Q = gguf.GGMLQuantizationType
@@ -52,9 +51,7 @@ class TensorRef:
 
 
 def read_header(file: Path) -> dict[str, TensorRef]:
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    n, header = safetensors_header(file)  # a truncated file: the clear error, before any export
     refs = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -68,7 +65,7 @@ def index(folder: Path, stem: str = "model") -> dict[str, TensorRef]:
     """All tensors of a (possibly sharded) safetensors checkpoint, by name, unread."""
     index_file = folder / f"{stem}.safetensors.index.json"
     if index_file.exists():
-        files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index_file).get("weight_map", {}).values()))
         paths = [folder / f for f in files]
     else:
         paths = sorted(folder.glob(f"{stem}*.safetensors"))

@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from ..errors import ModelError
+from ..files import read_json
 from ..progress import warn
 from .archs import Arch
 
@@ -46,10 +47,6 @@ PRE_BY_HASH = {
 TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
 def add_vocab(w: gguf.GGUFWriter, folder: Path, cfg: dict, arch: Arch) -> dict[str, int]:
     """Write the tokenizer, special tokens and chat template of an HF folder into `w`.
 
@@ -57,12 +54,12 @@ def add_vocab(w: gguf.GGUFWriter, folder: Path, cfg: dict, arch: Arch) -> dict[s
     """
     from tokenizers import Tokenizer  # noqa: PLC0415 - only needed on export
 
-    tok_json = read_json(folder / "tokenizer.json")
+    tok_json = read_json(folder / "tokenizer.json", missing={})
     if not tok_json:
         raise ModelError(f"{folder} has no tokenizer.json", "save the tokenizer with the model "
                          "(tokenizer.save_pretrained(folder))")
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok_cfg = read_json(folder / "tokenizer_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json", missing={})
     vocab = tok.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= cfg["vocab_size"]:
         raise ModelError(f"{folder}: the tokenizer has ids up to {max(vocab.values())} but the "
@@ -247,7 +244,7 @@ def chat_template(folder: Path, tok_cfg: dict) -> str | list | None:
     path = folder / "chat_template.jinja"
     if path.exists():
         return path.read_text(encoding="utf-8")
-    return read_json(folder / "chat_template.json").get("chat_template") or tok_cfg.get("chat_template")
+    return read_json(folder / "chat_template.json", missing={}).get("chat_template") or tok_cfg.get("chat_template")
 
 
 def _token_id(value, vocab: dict[str, int]) -> int | None:
@@ -262,7 +259,7 @@ def _first(value) -> int | None:
 
 def _special_ids(folder: Path, cfg: dict, tok_cfg: dict, vocab: dict[str, int]) -> dict[str, int]:
     """bos/eos/unk/pad: tokenizer_config first, then generation_config, then config."""
-    gen = read_json(folder / "generation_config.json")
+    gen = read_json(folder / "generation_config.json", missing={})
     ids = {}
     for kind in ("bos", "eos", "unk", "pad"):
         found = _token_id(tok_cfg.get(f"{kind}_token"), vocab)

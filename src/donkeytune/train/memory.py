@@ -6,15 +6,13 @@ calibrated against the peak RSS of real SmolLM2-135M runs (tests/test_memory.py,
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DonkeyError
-from ..files import QUANT_TYPES
+from ..files import QUANT_TYPES, read_json, safetensors_header
 
 GB = 1e9
 # Bytes per parameter of what fuse/export/quantize write (K-quants: llama.cpp's average bits / 8).
@@ -35,9 +33,7 @@ def count_params(folder: Path) -> int:
     """Parameters of an HF folder, from the safetensors headers (no tensor is read)."""
     total = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        _, header = safetensors_header(f)
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total
 
@@ -168,7 +164,7 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
     the run will pack its frozen weights (loralinear.can_pack)."""
     from ..progress import say  # noqa: PLC0415
 
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = read_json(Path(folder) / "config.json")
     n_params = count_params(folder)
     if limit is None:
         limit = available(device)

@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import data
 from ..config import TrainOptions
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE, atomic
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE, atomic, read_json
 from ..progress import say
 from ..use.test import QUESTION_TOKENS, prompt_ids, score_questions
 from .adapter import adapted_blocks, misfit, prune_checkpoints, save_adapter, save_best
@@ -169,7 +169,7 @@ def mlx_config(folder: Path) -> dict:
     """Settings mlx-lm reads from keys transformers 5 no longer writes (it would silently use
     its defaults): rope_theta / rope_scaling from rope_parameters (Gemma 3: one per attention
     type) and Gemma 3's sliding_window_pattern from layer_types."""
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = read_json(Path(folder) / "config.json")
     out = {}
     rope = cfg.get("rope_parameters") or {}
     full, local = rope.get("full_attention", rope), rope.get("sliding_attention")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, RUN_FILE, SEED_ADAPTER_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, RUN_FILE, SEED_ADAPTER_FILE, read_json
 
 PEFT_DIR = "peft"
 PEFT_PREFIX = "base_model.model."
@@ -28,7 +28,7 @@ def mlx_config(folder: Path) -> dict | None:
     if (folder / RUN_FILE).is_file() or not (folder / SEED_ADAPTER_FILE).is_file() \
             or not cfg_file.is_file():
         return None
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     return cfg if "lora_parameters" in cfg or "fine_tune_type" in cfg else None
 
 

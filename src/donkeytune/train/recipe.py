@@ -12,12 +12,12 @@ memory there is, with a stronger LR x SCALE and ITERS from the number of example
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 from ..config import SEED_RECIPE, TrainOptions
 from ..errors import ConfigError
+from ..files import read_json
 from ..progress import say
 
 RECIPE_FIELDS = ("iters", "batch_size", "num_layers", "lr", "rank")
@@ -150,7 +150,7 @@ def resolve(opts: TrainOptions, folder: Path, n_examples: int) -> TrainOptions:
     unset = [f for f in (*RECIPE_FIELDS, "scale") if getattr(opts, f) is None]
     if not unset:  # everything given, or a resumed run's recorded options
         return dataclasses.replace(opts, recipe=pick_recipe(opts))
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = read_json(Path(folder) / "config.json")
     values, reasons = choose(opts, cfg, n_examples, memory.available(device.pick_device(opts.device)),
                              memory.count_params(folder))
     name = pick_recipe(opts)

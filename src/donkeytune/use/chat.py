@@ -6,13 +6,13 @@ token. Reads plain lines from stdin, so it also runs scripted (`printf 'Hi\\n' |
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from .. import runinfo
 from ..config import ChatOptions, RunGGUFOptions
 from ..errors import ModelError
+from ..files import read_json
 from ..progress import say
 
 HELP = "/reset starts over, /exit (or Ctrl-D) leaves"
@@ -22,7 +22,7 @@ def converted_gguf(output_dir: str | Path) -> tuple[Path | None, dict]:
     """The quantized GGUF `convert` wrote in OUTPUT_DIR/gguf (None when it recorded none), and
     its record."""
     meta_file = Path(output_dir) / "gguf" / runinfo.RUN_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_json(meta_file, missing={})
     return (meta_file.parent / meta["quantized"] if meta.get("quantized") else None), meta
 
 

@@ -10,11 +10,11 @@ place .System themselves and skip system messages in the loop. The runtime adds 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import read_json
 from ..progress import warn
 
 MODELFILE = "Modelfile"
@@ -152,7 +152,7 @@ def gguf_metadata(path: Path) -> tuple[str | None, str | None]:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path, missing={})
 
 
 # ---------------------------------------------------------------- writing the Modelfile

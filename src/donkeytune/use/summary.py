@@ -8,11 +8,11 @@ from pathlib import Path
 from .. import runinfo
 from ..gguf import fidelity
 from ..config import ModelOptions
-from ..files import TEST_FILE, model_name
+from ..files import TEST_FILE, model_name, read_json
 
 
 def read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, missing=None)
 
 
 def run(opts: ModelOptions) -> str:
