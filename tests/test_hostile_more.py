@@ -101,3 +101,166 @@ def test_folder_lock_is_reentrant_names_its_holder_and_the_page_sees_it(tmp_path
     with files.folder_lock(out, "convert"), files.folder_lock(out, "fuse"):  # convert calls fuse
         assert files.folder_busy(out)
     assert files.folder_busy(out) is None and not (out / files.LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------- a clear error for each input
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a model's weights from here on fails the test: each case is refused before."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def refused(capsys, args, *words) -> str:
+    """The CLI (in this process: a traceback would fail the test) exits 2 naming `words`."""
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert str(w) in err, err
+    return err
+
+
+def model_copy(tiny_model, tmp_path, name="model") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_model("llama"), tmp_path / name))
+
+
+def fake_run(tiny_model, out: Path) -> Path:
+    """A run folder as train leaves it (adapters/donkeytune.json), without training."""
+    from donkeytune import runinfo
+
+    model = tiny_model("llama")
+    runinfo.write_json(out / "adapters" / files.RUN_FILE, {
+        "base_model": str(model), "base_model_path": str(model),
+        "base_fingerprint": runinfo.model_fingerprint(model), "options": {}})
+    return out
+
+
+def test_a_5000_digit_number_in_a_json_array_data_file(tmp_path, capsys, tiny_model, no_model_loads):
+    rows = json.dumps(ROWS[:3])[:-1] + ', {"messages": ' + "9" * 5000 + "}]"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text(rows)
+    out = tmp_path / "out"
+    assert main(["data", "check", str(tmp_path / "data")]) == 2
+    assert "train.json:1: invalid JSON: a number of more than 4300 digits" in capsys.readouterr().out
+    refused(capsys, ["train", "--model", tiny_model("llama"), "--data-dir", tmp_path / "data",
+                     "--output-dir", out], "more than 4300 digits")
+    assert not out.exists()
+
+
+def _config_list(folder: Path):
+    (folder / "config.json").write_text("[]")
+    return "config.json is damaged: a JSON object {...} was expected, it holds a list"
+
+
+def _truncated_weights(folder: Path):
+    path = folder / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 3)
+    return "model.safetensors is damaged: truncated"
+
+
+def _remote_tokenizer(folder: Path):
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.update(auto_map={"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, tokenizer_class="XTokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return "needs remote code for its tokenizer"
+
+
+@pytest.mark.parametrize("damage", [_config_list, _truncated_weights, _remote_tokenizer],
+                         ids=["config-is-a-list", "truncated-safetensors", "tokenizer-auto-map"])
+def test_a_damaged_or_remote_code_model_folder_is_refused_before_it_loads(
+        damage, tiny_model, data_dir, tmp_path, capsys, no_model_loads):
+    model = model_copy(tiny_model, tmp_path)
+    words = damage(model)
+    err = refused(capsys, ["train", "--model", model, "--data-dir", data_dir,
+                           "--output-dir", tmp_path / "out", "--num-layers", 1], words)
+    if damage is _remote_tokenizer:
+        assert "--trust-remote-code" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "serve"])
+def test_a_gguf_of_random_bytes(command, data_dir, tmp_path, capsys, no_model_loads):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(os.urandom(4096))
+    args = (["train", "--model", fake, "--data-dir", data_dir, "--output-dir", tmp_path / "out"]
+            if command == "train" else ["serve", "--gguf", fake, "--port", 1])
+    refused(capsys, args, f"{fake} is not a GGUF model file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["read-only", "under-a-file", "sysfs"])
+def test_an_unwritable_output_folder_is_refused_before_the_model_loads(
+        where, tiny_model, data_dir, tmp_path, capsys, no_model_loads):
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out = tmp_path / "ro"
+        out.mkdir(mode=0o555)
+    elif where == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    else:
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no sysfs here")
+        out = Path("/sys/donkeytune-out")
+    refused(capsys, ["train", "--model", tiny_model("llama"), "--data-dir", data_dir,
+                     "--output-dir", out], f"cannot write into the output folder {out}",
+            "--output-dir")
+
+
+def test_a_truncated_fused_model_is_fused_again_and_cannot_be_exported(
+        tiny_model, tmp_path, capsys):
+    from donkeytune import config
+    from donkeytune.gguf import convert
+
+    out = fake_run(tiny_model, tmp_path / "out")
+    fused = model_copy(tiny_model, out, "fused")
+    (fused / files.RUN_FILE).write_text(json.dumps({"options": {"dtype": "auto"}}))
+    _truncated_weights(fused)
+    opts = config.resolve(config.ConvertOptions, {"output_dir": str(out)}, environ={})
+    assert not convert._fused_is_current(opts)  # convert makes it again
+    assert "model.safetensors is damaged: truncated" in capsys.readouterr().err
+    refused(capsys, ["export", fused, tmp_path / "x.gguf"], "model.safetensors is damaged: truncated")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("content", ["", "{\"base_model\": ", "[1, 2]"], ids=["empty", "cut", "list"])
+@pytest.mark.parametrize("command", ["train", "convert", "chat", "summary", "test", "fuse"])
+def test_an_empty_or_damaged_run_record(command, content, tiny_model, data_dir, tmp_path, capsys,
+                                        no_model_loads, monkeypatch):
+    out = fake_run(tiny_model, tmp_path / "out")
+    record = out / ("gguf" if command == "chat" else "adapters") / files.RUN_FILE
+    record.parent.mkdir(exist_ok=True)
+    record.write_text(content)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    args = [command, "--output-dir", out]
+    if command == "train":
+        args += ["--model", tiny_model("llama"), "--data-dir", data_dir]
+    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    refused(capsys, args, f"{record} is damaged")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
+def test_export_or_quantize_to_a_folder(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    refused(capsys, ["export", tiny_model("llama"), folder], f"the GGUF file {folder} is a folder",
+            "give a file path")
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"GGUF" + bytes(60))
+    refused(capsys, ["quantize", fake, folder], "is a folder")
+    assert not any(folder.iterdir())
+
+
+def test_a_test_prompt_longer_than_the_context(tiny_model, tmp_path, capsys, no_model_loads):
+    out = fake_run(tiny_model, tmp_path / "out")
+    refused(capsys, ["test", "--output-dir", out, "--prompt", "hello " * 3000],
+            "tokens: longer than the model's context of 2048 tokens", "shorten the prompt")
+    assert not (out / "report").exists()

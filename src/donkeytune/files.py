@@ -98,8 +98,10 @@ def read_json(path, missing=...) -> dict:
         reason = "the file is empty" if not text.strip() else f"not valid JSON ({e})"
         raise ModelError(f"{path} is damaged: {reason}", fix) from None
     if not isinstance(obj, dict):
-        raise ModelError(f"{path} is damaged: a JSON object {{...}} was expected, "
-                         f"it holds {type(obj).__name__ if obj is not None else 'null'}", fix)
+        kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(
+            type(obj), "a number")
+        raise ModelError(f"{path} is damaged: a JSON object {{...}} was expected, it holds {kind}",
+                         fix)
     return obj
 
 
@@ -146,10 +148,13 @@ def check_gguf(path) -> None:
 
 def check_not_input(out, source, what: str = "output") -> None:
     """Refuse an output that would overwrite its own input: the input file itself, or a file
-    of the input folder. Checked before anything is written."""
+    of the input folder; and an output file that is a folder. Checked before anything is written."""
     from .errors import ConfigError  # noqa: PLC0415
 
     out, source = Path(out), Path(source)
+    if out.is_dir():
+        raise ConfigError(f"the {what} {out} is a folder: a file name is needed",
+                          f"give a file path, e.g. {out / (model_name(str(source)) + '.gguf')}")
     same = out.exists() and source.exists() and os.path.samefile(out, source)
     inside = source.is_dir() and out.exists() and out.resolve().is_relative_to(source.resolve())
     if same or inside:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .. import runinfo
 from ..config import AUTO_TYPES, ConvertOptions
-from ..files import folder_lock, model_name, read_json
-from ..progress import say, status
+from ..errors import ModelError
+from ..files import folder_lock, model_name, read_json, safetensors_header
+from ..progress import say, status, warn
 from ..train import memory
 from .exporters import export, usable_plan
 
@@ -76,10 +77,17 @@ def _run(opts: ConvertOptions) -> Path:
 
 
 def _fused_is_current(opts: ConvertOptions) -> bool:
-    """The fused folder was made from the adapter as it is now."""
+    """The fused folder was made from the adapter as it is now, and is whole (a copy or a full
+    disk may have truncated it: then it is fused again)."""
     fused_run = opts.fused_dir / runinfo.RUN_FILE
     if not fused_run.is_file():
         return False
-    recorded = read_json(fused_run)
+    try:
+        recorded = read_json(fused_run)
+        for weights in sorted(opts.fused_dir.glob("*.safetensors")):
+            safetensors_header(weights)
+    except ModelError as e:
+        warn(f"{e.message}: fusing again")
+        return False
     return (recorded.get("adapter_fingerprint") == runinfo.adapter_fingerprint(opts.chosen_adapter)
             and recorded.get("options", {}).get("dtype") == opts.dtype)

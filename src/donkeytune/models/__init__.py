@@ -132,13 +132,22 @@ def check_architecture(folder: Path, *, trust_remote_code: bool = False) -> None
             f"{folder} needs remote code (its config.json has auto_map), which runs Python "
             "from the model's repo on your machine",
             "pass --trust-remote-code if you trust the model's authors")
-    from transformers import CONFIG_MAPPING  # noqa: PLC0415 - heavy import, only when needed
+    import transformers  # noqa: PLC0415 - heavy import, only when needed
 
     model_type = cfg.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if model_type not in transformers.CONFIG_MAPPING:
         raise ModelError(
             f"{folder}: model_type {model_type!r} is not known to this transformers version",
             "upgrade transformers, or pass --trust-remote-code if the model ships its own code")
+    tok_cfg = read_json(folder / "tokenizer_config.json", missing={})
+    tok_class = str(tok_cfg.get("tokenizer_class") or "")
+    if tok_cfg.get("auto_map") and not (tok_class and hasattr(transformers, tok_class)
+                                        or hasattr(transformers, tok_class.removesuffix("Fast"))):
+        raise ModelError(
+            f"{folder} needs remote code for its tokenizer (tokenizer_config.json has auto_map "
+            f"and the tokenizer class {tok_class or '(none)'} is not one of transformers'), which "
+            "runs Python from the model's repo on your machine",
+            "pass --trust-remote-code if you trust the model's authors")
 
 
 def _looks_like_repo_id(ref: str) -> bool:

@@ -18,7 +18,7 @@ import threading
 
 from .chat import resolve_gguf
 from ..config import ServeOptions
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..progress import say, warn
 
 # Set by SIGTERM/SIGINT: every generation stops at its next token, so shutdown is quick.
@@ -76,9 +76,13 @@ def build_app(path, alias: str, system: str | None, n_ctx: int = 2048):
     import llama_cpp.server.app as server_app  # noqa: PLC0415
 
     with _no_weight_repacking():  # create_app loads the model
-        app = create_app(server_settings=ServerSettings(),
-                         model_settings=[ModelSettings(model=str(path), model_alias=alias,
-                                                       n_ctx=n_ctx, verbose=False)])
+        try:
+            app = create_app(server_settings=ServerSettings(),
+                             model_settings=[ModelSettings(model=str(path), model_alias=alias,
+                                                           n_ctx=n_ctx, verbose=False)])
+        except ValueError as e:  # llama-cpp-python reports load failures as ValueError
+            raise ModelError(f"llama.cpp cannot load {path}: {e}",
+                             "check the file (donkeytune fidelity, or llama-cli -m FILE)") from None
     llama = server_app._llama_proxy(alias)
     checked = CheckRequests(app, alias, system, llama)
     _bound_generation(llama, checked.model_lock)

@@ -35,6 +35,9 @@ def default_prompts(data_dir: str | None, n: int) -> list[dict]:
     return questions if n == -1 else questions[:n]
 
 
+CONTEXT = 2048  # the context llama.cpp runs the GGUFs with here
+
+
 def run(opts: TestOptions) -> list[dict]:
     """Answer the prompts with base and fine-tuned model; returns one dict per prompt."""
     with folder_lock(opts.output_dir, "test"):  # its report/test.json, and no adapter in flux
@@ -51,6 +54,7 @@ def _run(opts: TestOptions) -> list[dict]:
         raise ConfigError("no prompts to test with", 'pass PROMPT="..." (make test-prompt)')
     system = run_info.get("system_prompt")
     gguf_file = None if opts.adapter else _converted_gguf(opts)
+    _check_lengths(prompts, system, base_dir, opts, CONTEXT if gguf_file else None)
     if gguf_file:
         answer_tuned, answer_base = _gguf_answerers(gguf_file, base_dir, opts)
         engine = f"llama.cpp, {gguf_file.name}"
@@ -70,6 +74,20 @@ def _run(opts: TestOptions) -> list[dict]:
     runinfo.write_json(Path(opts.output_dir) / "report" / TEST_FILE,
                        dict(engine=engine, results=results, **counts))
     return results
+
+
+def _check_lengths(prompts, system, base_dir: Path, opts: TestOptions, context: int | None) -> None:
+    """Every prompt fits the context it will run in (llama.cpp's, else the model's), said before
+    any model loads."""
+    if context is None:
+        context = models.read_config(base_dir).get("max_position_embeddings") or 1 << 30
+    tok = device.load_tokenizer(base_dir, trust_remote_code=opts.trust_remote_code)
+    for p in prompts:
+        n = len(prompt_ids(tok, chat_messages(p["question"], system)))
+        if n >= context:
+            short = p["question"][:60] + ("..." if len(p["question"]) > 60 else "")
+            raise ConfigError(f"the prompt {short!r} is {n} tokens: longer than the model's "
+                              f"context of {context} tokens", "shorten the prompt")
 
 
 def chat_messages(question: str, system: str | None) -> list[dict]:
@@ -132,9 +150,9 @@ def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
     from ..gguf.runtime import load_llama  # noqa: PLC0415
 
     say(f"Testing the GGUF {gguf_file} in llama.cpp (its own chat template and stop tokens)")
-    tuned = load_llama(gguf_file, n_ctx=2048)
+    tuned = load_llama(gguf_file, n_ctx=CONTEXT)
     data_dir = opts.data_dir or runinfo.read_run(opts.adapter_dir).get("data_dir")
-    base = (load_llama(base_gguf(base_dir, _gguf_type(gguf_file), data_dir), n_ctx=2048)
+    base = (load_llama(base_gguf(base_dir, _gguf_type(gguf_file), data_dir), n_ctx=CONTEXT)
             if opts.base else None)
 
     def answer(llm):
