@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import runinfo
 from ..config import ChatOptions, RunGGUFOptions
 from ..errors import ModelError
-from ..files import check_gguf, read_json
+from ..files import read_json
 from ..progress import say
 
 HELP = "/reset starts over, /exit (or Ctrl-D) leaves"
@@ -35,7 +35,6 @@ def resolve_gguf(opts: RunGGUFOptions) -> tuple[Path, str | None]:
                          "run `make convert` first, or pass --gguf FILE")
     if not path.is_file():
         raise ModelError(f"GGUF file {path} not found", "run `make convert`, or pass --gguf FILE")
-    check_gguf(path)
     runinfo.check_gguf_current(path, opts.output_dir)  # chat and serve: never an earlier training
     system = opts.system if opts.system is not None else meta.get("system_prompt")
     return path, (system or None)

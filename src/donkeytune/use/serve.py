@@ -19,6 +19,7 @@ import threading
 from .chat import resolve_gguf
 from ..config import ServeOptions
 from ..errors import ConfigError, ModelError
+from ..files import check_gguf
 from ..progress import say, warn
 
 # Set by SIGTERM/SIGINT: every generation stops at its next token, so shutdown is quick.
@@ -30,6 +31,7 @@ ROLES = ("system", "user", "assistant", "tool", "function")
 def run(opts: ServeOptions) -> None:
     """Serve until SIGINT/SIGTERM."""
     path, system = resolve_gguf(opts)
+    check_gguf(path)  # chat and test: llama.cpp's load error says it (the server's would not)
     try:
         import uvicorn  # noqa: PLC0415
     except ImportError:
