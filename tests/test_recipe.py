@@ -23,10 +23,11 @@ def options(**flags) -> TrainOptions:
     return config.resolve(TrainOptions, flags, environ={})
 
 
-# params (billions) -> the seed's BATCH_SIZE, NUM_LAYERS, RANK, and auto's LR (LR x SCALE 2)
+# params (billions) -> the seed's BATCH_SIZE, NUM_LAYERS, RANK (every block below 1B), and auto's
+# LR (LR x SCALE 2)
 @pytest.mark.parametrize("params_b, want", [
-    (0.135, (4, 8, 8, 2e-4)),
-    (0.5, (4, 8, 8, 2e-4)),
+    (0.135, (4, 36, 8, 1e-3)),
+    (0.5, (4, 36, 8, 1e-3)),
     (1.5, (4, 8, 8, 1e-4)),
     (3.0, (2, 4, 8, 1e-4)),
     (4.0, (1, 4, 8, 5e-5)),
@@ -61,7 +62,7 @@ def test_one_rule_the_recipe_fills_only_what_you_left_unset():
     assert recipe.pick_recipe(options()) == recipe.pick_recipe(options(iters=60)) == "auto"
     alone, _ = recipe.choose(options(), cfg(), 144, PLENTY, params=int(0.135e9))
     values, reasons = recipe.choose(options(iters=60), cfg(), 144, PLENTY, params=int(0.135e9))
-    assert values == dict(alone, iters=60) and values["lr"] == 2e-4
+    assert values == dict(alone, iters=60) and values["lr"] == 1e-3
     assert reasons["iters"] == "you" and reasons["lr"] != "you"
     # RECIPE=seed fills with the seed's values and keeps yours
     values, reasons = recipe.choose(options(recipe="seed", lr=3e-4), cfg(), 160, PLENTY,
@@ -69,7 +70,7 @@ def test_one_rule_the_recipe_fills_only_what_you_left_unset():
     assert values == dict(config.SEED_RECIPE, lr=3e-4) and reasons["lr"] == "you"
     values, reasons = recipe.choose(options(recipe="auto", batch_size=2, scale=4.0), cfg(), 160,
                                     PLENTY, params=int(0.5e9))
-    assert values["batch_size"] == 2 and values["scale"] == 4.0 and values["lr"] == 2e-4
+    assert values["batch_size"] == 2 and values["scale"] == 4.0 and values["lr"] == 1e-3
     assert values["iters"] == 640  # 8 epochs at the user's batch size
     assert reasons["batch_size"] == reasons["scale"] == "you"
     # ALPHA gives the scale once the rank is known
@@ -81,7 +82,7 @@ def test_the_plan_table_says_where_each_value_came_from():
     values, reasons = recipe.choose(options(iters=60), cfg(), 144, PLENTY, params=int(0.135e9))
     rows = {line.split()[0]: line.split()[1:] for line in recipe.table("auto", values, reasons)
             .splitlines()[1:]}
-    assert rows["ITERS"][:2] == ["60", "you"] and rows["LR"][:2] == ["0.0002", "auto"]
+    assert rows["ITERS"][:2] == ["60", "you"] and rows["LR"][:2] == ["0.001", "auto"]
     values, reasons = recipe.choose(options(recipe="seed", rank=4), cfg(), 144, PLENTY)
     rows = {line.split()[0]: line.split()[1:] for line in recipe.table("seed", values, reasons)
             .splitlines()[1:]}
@@ -98,11 +99,14 @@ def test_the_seeds_settings_for_the_models_it_names(model, want):
     values, reasons = recipe.choose(options(model=model, recipe="seed"), cfg(), 160, PLENTY)
     assert {k: values[k] for k in want} == want and values["iters"] == 600
     assert "the seed's settings for" in reasons["batch_size"]
-    # auto starts from them too (LR x SCALE stronger, as for every model)
-    values, reasons = recipe.choose(options(model=model), cfg(), 160, PLENTY, params=int(0.2e9))
+    # auto starts from them too (LR x SCALE stronger, as for every model; every block below 1B)
+    values, reasons = recipe.choose(options(model=model), cfg(), 160, PLENTY, params=int(2e9))
     assert (values["batch_size"], values["num_layers"], values["rank"]) == \
         (want["batch_size"], want["num_layers"], want["rank"])
     assert "the seed's settings for" in reasons["batch_size"]
+    values, reasons = recipe.choose(options(model=model), cfg(), 160, PLENTY, params=int(0.2e9))
+    assert (values["batch_size"], values["num_layers"]) == (want["batch_size"], 36)
+    assert "every block" in reasons["num_layers"]
 
 
 def test_recipe_none_needs_every_value():
@@ -118,8 +122,8 @@ def test_resolve_fills_and_prints_once(tiny_model, capsys):
     resolved = recipe.resolve(options(), folder, 40)
     err = capsys.readouterr().err
     assert "Recipe auto" in err and "ITERS       80" in err and "8 epochs of 40 examples" in err
-    assert (resolved.iters, resolved.lr, resolved.scale, resolved.recipe) == (80, 2e-4, 2.0, "auto")
-    assert resolved.num_layers == 3  # the seed table's 8, but the tiny model has 3 blocks
+    assert (resolved.iters, resolved.lr, resolved.scale, resolved.recipe) == (80, 1e-3, 2.0, "auto")
+    assert resolved.num_layers == 3  # every block of the tiny model
     # a resumed run's recorded options are complete: kept as they are, nothing printed
     again = recipe.resolve(resolved, folder, 40)
     assert again == resolved and capsys.readouterr().err == ""
