@@ -264,3 +264,89 @@ def test_a_test_prompt_longer_than_the_context(tiny_model, tmp_path, capsys, no_
     refused(capsys, ["test", "--output-dir", out, "--prompt", "hello " * 3000],
             "tokens: longer than the model's context of 2048 tokens", "shorten the prompt")
     assert not (out / "report").exists()
+
+
+# ---------------------------------------------------------------- the smaller ones
+
+@pytest.fixture
+def tiny_gguf(tiny_model, tmp_path_factory):
+    from donkeytune import gguf
+
+    return gguf.export(tiny_model("llama"), tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
+
+
+def test_scripted_chat_exits_2_after_an_error_an_interactive_one_goes_on(tiny_gguf, capsys, monkeypatch):
+    import io
+
+    from donkeytune.use import chat
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello " * 200 + "\nnot read\n"))
+    refused(capsys, ["chat", "--gguf", tiny_gguf, "--n-ctx", 64, "--max-tokens", 2],
+            "does not fit the model's context of", "--n-ctx")
+
+    class Full:
+        def n_ctx(self):
+            return 32
+
+        def create_chat_completion(self, **kw):
+            raise ValueError("Requested tokens (300) exceed context window of 32")
+
+    lines = iter(["too long", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.converse(Full(), None, 2, 0.0, prompt=">>> ") == []  # the turn dropped, chat goes on
+    assert "does not fit the model's context of 32 tokens" in capsys.readouterr().err
+
+
+def test_export_removes_the_partial_files_of_killed_writers(tiny_model, tmp_path):
+    from donkeytune import gguf
+
+    out = tmp_path / "m.gguf"
+    dead = tmp_path / f".m.gguf.{4194304 + 7}.partial"  # above any pid: no such process
+    alive = tmp_path / f".m.gguf.{os.getppid()}.partial"  # a writer still at work
+    dead.write_bytes(b"half")
+    alive.write_bytes(b"half")
+    gguf.export(tiny_model("llama"), out, "f16")
+    assert out.is_file() and not dead.exists() and alive.exists()
+
+
+def test_the_same_model_named_two_ways_is_the_same_model(tiny_model, tmp_path, monkeypatch):
+    from donkeytune import config, models, train
+
+    model = tiny_model("llama")
+    out = fake_run(tiny_model, tmp_path / "out")  # recorded with its absolute path
+    monkeypatch.chdir(model.parent)
+    for name in (model.name, f"./{model.name}", f"../{model.parent.name}/{model.name}"):
+        opts = config.resolve(config.TrainOptions, {"model": name, "output_dir": str(out)}, environ={})
+        train._check_output_dir(opts, None)  # not "another model"
+    other = model_copy(tiny_model, tmp_path, "other")
+    opts = config.resolve(config.TrainOptions, {"model": str(other), "output_dir": str(out)}, environ={})
+    with pytest.raises(ConfigError, match="holds an adapter trained on"):
+        train._check_output_dir(opts, None)
+    assert models.same_model("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert not models.same_model("smollm2-135m", "qwen2.5-0.5b")
+
+
+def test_num_layers_larger_than_the_model_before_it_loads(tiny_model, data_dir, tmp_path, capsys,
+                                                          no_model_loads):
+    refused(capsys, ["train", "--model", tiny_model("llama"), "--data-dir", data_dir,
+                     "--output-dir", tmp_path / "out", "--num-layers", 5],
+            "NUM_LAYERS=5 but the model has only 3 blocks", "NUM_LAYERS=3")
+
+
+TOOL_CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]}
+TOOL_RESULT = {"role": "tool", "tool_call_id": "1", "content": "2"}
+
+
+def test_tool_calls_in_data_and_requests_are_said_unsupported(tmp_path, capsys):
+    from donkeytune.use import serve
+
+    user = {"role": "user", "content": "What is 1 + 1?"}
+    write_jsonl(tmp_path / "data" / "train.jsonl", [
+        {"messages": [user, TOOL_CALL, TOOL_RESULT, {"role": "assistant", "content": "2"}]}])
+    assert main(["data", "check", str(tmp_path / "data")]) == 2
+    assert "message 2: tool calls are not supported" in capsys.readouterr().out
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    for body in ({"messages": [user], "tools": tools}, {"messages": [user, TOOL_CALL, TOOL_RESULT]}):
+        assert "tool calls are not supported" in serve.check_chat(body)
+    assert serve.check_chat({"messages": [user], "tools": []}) is None

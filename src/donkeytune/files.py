@@ -3,6 +3,7 @@ way every file is written (atomically), and the lock of an output folder."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -53,12 +54,32 @@ def atomic(path: Path, suffix: str = ""):
     temporary name, for writers that append their own extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """The temporary files of earlier writers of `path` that were killed (SIGKILL, power cut)
+    before they could remove them: their process is gone."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.partial*"):
+        pid = old.name[len(path.name) + 2:].partition(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_atomic(path: Path, content: str | bytes) -> Path:

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text")
 ROLES = ("system", "user", "assistant")
+# OpenAI's and ShareGPT's names of tool calls and their results
+TOOL_ROLES = ("tool", "function", "function_call", "observation", "tool_call", "tool_response")
+TOOLS_UNSUPPORTED = ("tool calls are not supported (a tool or function message, or \"tool_calls\"): "
+                     "DonkeyTune trains on system, user and assistant text; leave these examples "
+                     "out, or write the call into the assistant's text")
 
 # The key that identifies each format, in the order detection tries them.
 KEYS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
@@ -81,6 +86,8 @@ def check_messages(messages: list) -> list[dict]:
     """Validate chat messages: known roles, non-empty text, system first, an assistant turn."""
     for i, m in enumerate(messages, start=1):
         role, content = m.get("role"), m.get("content")
+        if role in TOOL_ROLES or m.get("tool_calls") or m.get("function_call"):
+            raise ValueError(f"message {i}: {TOOLS_UNSUPPORTED}")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r} (use system, user or assistant)")
         if not isinstance(content, str):
@@ -118,6 +125,8 @@ def _sharegpt(turns) -> list[dict]:
         if not isinstance(t, dict):
             raise ValueError(f"turn {i} is not an object")
         who = t.get("from")
+        if isinstance(who, str) and who.lower() in TOOL_ROLES:
+            raise ValueError(f"turn {i}: {TOOLS_UNSUPPORTED}")
         if not isinstance(who, str) or who.lower() not in SHAREGPT_ROLES:
             raise ValueError(f"turn {i}: unknown \"from\" {who!r} (use system, human or gpt)")
         value = t.get("value")

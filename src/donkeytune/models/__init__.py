@@ -96,6 +96,19 @@ def find_known(ref: str) -> KnownModel | None:
     return None
 
 
+def same_model(ref: str, recorded: str | None, recorded_path: str | None = None) -> bool:
+    """Whether the reference `ref` names the model a run recorded (its reference and resolved
+    folder), told without resolving: `tiny`, `./tiny` and /abs/tiny; an alias and its repo id."""
+    if recorded is None or ref == recorded:
+        return ref == recorded
+    here, there = Path(ref).expanduser(), Path(recorded).expanduser()
+    if here.exists() and (there.exists() and here.resolve() == there.resolve()
+                          or recorded_path and here.resolve() == Path(recorded_path).resolve()):
+        return True
+    known = find_known(ref)
+    return known is not None and known == find_known(recorded)
+
+
 def resolve(ref: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     """Return a local HF folder (config.json, safetensors, tokenizer) for `ref`.
 

@@ -18,7 +18,7 @@ from ..errors import ConfigError, DonkeyError, ModelError
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, BEST_DIR, SEED_ADAPTER_FILE, read_json
 from ..progress import say, warn
 from . import distributed, engines, memory, mlxadapter, recipe
-from .adapter import check_state, checkpoints, latest_checkpoint
+from .adapter import adapted_blocks, check_state, checkpoints, latest_checkpoint
 from .loop import Best, Job
 
 
@@ -41,6 +41,8 @@ def _run(opts: TrainOptions) -> Path:
     folder = models.resolve(opts.model, trust_remote_code=opts.trust_remote_code,
                             allow_pickle=opts.allow_pickle)
     check_export(folder, opts)
+    if opts.num_layers is not None and n_blocks(folder):  # (a recipe's own choice fits)
+        adapted_blocks(opts, n_blocks(folder))
     opts = recipe.resolve(opts, folder, len(dataset.train))  # unset ITERS, LR, ...: from the recipe
     if resume:
         _check_resume_matches(resume, folder, opts)
@@ -173,13 +175,21 @@ def _check_resume_matches(source: Path, folder: Path, opts: TrainOptions) -> Non
                               f"set RANK={rank} to continue it")
 
 
+def n_blocks(folder: Path) -> int:
+    """The transformer blocks of a model, from its config.json (a multimodal one: its text part)."""
+    cfg = models.read_config(folder)
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    return int(text.get("num_hidden_layers") or text.get("n_layer") or 0)
+
+
 def _check_output_dir(opts: TrainOptions, resume: Path | None) -> None:
     """Never overwrite the adapter of another model by accident (the seed's clean-output trap)."""
     run_file = opts.adapter_dir / runinfo.RUN_FILE
     if opts.force or not run_file.is_file():
         return
     run = runinfo.read_run(opts.adapter_dir)
-    if run.get("base_model") != opts.model and not resume:
+    if not resume and not models.same_model(opts.model, run.get("base_model"),
+                                            run.get("base_model_path")):
         raise ConfigError(
             f"{opts.adapter_dir} holds an adapter trained on {run.get('base_model')!r}; "
             f"training {opts.model!r} would overwrite it",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import runinfo
 from ..config import ChatOptions, RunGGUFOptions
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..files import read_json
 from ..progress import say
 
@@ -54,11 +54,15 @@ def run(opts: ChatOptions) -> None:
         except ImportError:
             pass
     say(f"Chatting with {path.name}" + (f" (system prompt: {system!r})" if system else "") + f". {HELP}")
-    converse(llm, system, opts.max_tokens, opts.temperature, prompt=">>> " if interactive else "")
+    # scripted (stdin not a terminal): the first error ends the chat with its status, as `sh -e`
+    converse(llm, system, opts.max_tokens, opts.temperature, prompt=">>> " if interactive else "",
+             stop_on_error=not interactive)
 
 
-def converse(llm, system: str | None, max_tokens: int, temperature: float, prompt: str = "") -> list[dict]:
-    """The chat loop on stdin/stdout; returns the conversation (for tests and callers)."""
+def converse(llm, system: str | None, max_tokens: int, temperature: float, prompt: str = "",
+             stop_on_error: bool = False) -> list[dict]:
+    """The chat loop on stdin/stdout; returns the conversation (for tests and callers). A turn
+    that fails is dropped, or, with `stop_on_error`, its error ends the chat."""
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     while True:
@@ -84,7 +88,13 @@ def converse(llm, system: str | None, max_tokens: int, temperature: float, promp
             say(HELP)
             continue
         messages.append({"role": "user", "content": line})
-        answer = _stream_answer(llm, messages, max_tokens, temperature)
+        try:
+            answer = _stream_answer(llm, messages, max_tokens, temperature)
+        except ConfigError as e:
+            if stop_on_error:
+                raise
+            say(f"error: {e}")
+            answer = None
         if answer is None:
             messages.pop()  # not answered: the turn is dropped
         else:
@@ -107,7 +117,7 @@ def _stream_answer(llm, messages, max_tokens: int, temperature: float) -> str | 
         say("(stopped)")
         return None
     except ValueError as e:  # llama.cpp: the prompt does not fit the context window
-        say(f"error: {e}\n  fix: /reset to start over, or a larger --n-ctx")
-        return None
+        raise ConfigError(f"the conversation does not fit the model's context of {llm.n_ctx()} "
+                          f"tokens (llama.cpp: {e})", "/reset to start over, or a larger --n-ctx") from None
     print(flush=True)
     return "".join(parts)

@@ -25,7 +25,7 @@ from ..progress import say, warn
 # Set by SIGTERM/SIGINT: every generation stops at its next token, so shutdown is quick.
 STOPPING = threading.Event()
 MAX_BODY = 4 << 20  # bytes of one request; chat prompts are far smaller
-ROLES = ("system", "user", "assistant", "tool", "function")
+ROLES = ("system", "user", "assistant")
 
 
 def run(opts: ServeOptions) -> None:
@@ -149,6 +149,11 @@ def check_chat(body) -> str | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list of {role, content} objects"
+    if body.get("tools") or body.get("functions") or any(
+            isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls")
+                                     or m.get("function_call")) for m in messages):
+        return ("tool calls are not supported by this server (\"tools\", \"functions\", tool "
+                "messages or \"tool_calls\"): it answers with text only")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             return f"messages[{i}] must be an object whose 'role' is one of {', '.join(ROLES)}"
