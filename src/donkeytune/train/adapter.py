@@ -12,7 +12,6 @@ from .. import runinfo
 from ..errors import ConfigError, ModelError
 from ..files import (ADAPTER_FILE, BEST_DIR, LEGACY_STATE_FILE, MLX_STATE_FILE, SEED_ADAPTER_FILE,
                      STATE_FILE, atomic)
-
 from ..progress import say
 
 STATE_FORMAT = 1  # of trainer_state.safetensors' metadata
@@ -25,15 +24,6 @@ def adapted_blocks(opts, n_blocks: int) -> list[int]:
         raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
                           f"use NUM_LAYERS={n_blocks} or -1 (all)")
     return list(range(n_blocks - n, n_blocks))
-
-
-def lora_config(opts, targets: list[str], n_blocks: int, **extra):
-    """PEFT's LoraConfig of a run: `targets` (q_proj, ...) in the adapted blocks."""
-    from peft import LoraConfig  # noqa: PLC0415
-
-    return LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
-                      target_modules=targets, layers_to_transform=adapted_blocks(opts, n_blocks),
-                      task_type="CAUSAL_LM", **extra)
 
 
 def misfit(source: Path, missing: int, unexpected: int) -> ModelError:

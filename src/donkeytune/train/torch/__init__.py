@@ -15,8 +15,8 @@ from ...errors import ConfigError
 from ...progress import say
 from .. import distributed, recipe
 from ...use.test import QUESTION_TOKENS, generate, score_questions
-from ..adapter import (load_adapter_weights, prune_checkpoints, restore_checkpoint, save_adapter, save_best,
-                       trainer_state)
+from ..adapter import (adapted_blocks, load_adapter_weights, prune_checkpoints, restore_checkpoint,
+                       save_adapter, save_best, trainer_state)
 from ..loop import Job, QuietReporter, Reporter, Setup, check_finite, loop, metrics_file
 
 
@@ -129,12 +129,7 @@ def add_lora(model, opts: TrainOptions):
     from . import blockops, dropout, fit, loralinear  # noqa: PLC0415
 
     opts = recipe.seed_filled(opts)  # called without run() (Python users, tests): the seed's values
-    n_blocks = model.config.get_text_config().num_hidden_layers
-    n = n_blocks if opts.num_layers == -1 else opts.num_layers
-    if n > n_blocks:
-        raise ConfigError(f"NUM_LAYERS={opts.num_layers} but the model has only {n_blocks} blocks",
-                          f"use NUM_LAYERS={n_blocks} or -1 (all)")
-    layers = list(range(n_blocks - n, n_blocks))
+    layers = adapted_blocks(opts, model.config.get_text_config().num_hidden_layers)
     config = LoraConfig(r=opts.rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.dropout,
                         task_type="CAUSAL_LM", **lora_targets(model, layers))
     paths = fit.check(model)  # packing, packed attention, head loss: where they equal the stock path
