@@ -380,9 +380,10 @@ class TestOptions(AdapterChoice):
 # of the f16 file (agreement points lost, KL added, held-out answers lost; gguf/fidelity.py).
 # The agreement points are also where the fidelity check warns: a chosen file is never flagged.
 # A KL of 0.05 is about what llama.cpp's own Q4_K_M measures on 8B models, where 5-7 % of the
-# top tokens differ; on the demo's fine-tune Q4_K_M kept 97.8 % (KL 0.017, 15/16 held-out).
+# top tokens differ. Held-out answers: none may be lost (what the user taught is the point; on
+# the demo's fine-tune Q4_K_M kept 98.5 % and KL 0.015 yet answered 14/16 where f16 answered 15).
 AUTO_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
-AUTO_TOLERANCE = {"agreement": 5.0, "kl": 0.05, "answers": 1}
+AUTO_TOLERANCE = {"agreement": 5.0, "kl": 0.05, "answers": 0}
 
 
 @dataclass

@@ -349,7 +349,8 @@ def _run(opts: config.FidelityOptions) -> Path:
 def tolerance_text(tol: dict | None = None) -> str:
     tol = tol or config.AUTO_TOLERANCE
     return (f"at most {tol['agreement']:g} agreement points and {tol['kl']:g} KL above f16, "
-            f"{tol['answers']} held-out answer fewer")
+            + (f"{tol['answers']} held-out answer{'s' if tol['answers'] > 1 else ''} fewer" if tol["answers"]
+               else "no held-out answer fewer"))
 
 
 def flag(rows: list[dict]) -> list[dict]:
