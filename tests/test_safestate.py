@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from donkeytune.cli import main
+from donkeytune.errors import ModelError
 
 
 def test_quantize_onto_its_own_input_is_refused(tmp_path, capsys):
@@ -104,3 +107,24 @@ def test_the_trainer_state_round_trips_without_pickle(tmp_path):
     assert torch.equal(tensors["optimizer/0/exp_avg"], opt.state[params[0]]["exp_avg"])
     assert torch.equal(tensors["rng/torch"], torch.get_rng_state())
     assert tuple(meta["python_rng"][1]) == random.getstate()[1]
+
+
+def test_a_state_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """safetensors begins with its header's length: 1 time in 256 its first byte is pickle's 0x80."""
+    import torch
+    from donkeytune.train import adapter
+
+    params = [torch.nn.Parameter(torch.zeros(2, 3))]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    path = tmp_path / "trainer_state.safetensors"
+    state = adapter.trainer_state(3, opt)
+    for pad in range(512):  # a scalar of the optimizer's state, one byte longer each time
+        state["optimizer"]["state"][0] = {"note": "x" * pad}
+        adapter.write_state(state, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert adapter.read_state(tmp_path)[1]["scalars"]["0"]["note"] == "x" * pad
+    path.write_bytes(b"\x80\x04" + bytes(200))  # a real pickle's start is still refused
+    with pytest.raises(ModelError, match="is a pickle"):
+        adapter.read_state(tmp_path)

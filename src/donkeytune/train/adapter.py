@@ -84,8 +84,11 @@ def read_state(folder: Path) -> tuple[dict, dict]:
                                      "run code when loaded")
         raise _bad_state(path, "is missing")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; its first byte
+    # may well be 0x80 (a header of 128 + 256k bytes), so the pickle marks count only without it
+    safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    if not safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise _bad_state(path, "is a pickle (torch.save) file, which can run code when loaded, "
                                "not the safetensors file DonkeyTune writes")
     try:
