@@ -65,7 +65,7 @@ def test_tiny_auto_run_writes_the_report(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Recipe auto" in err and "Diagnosis: " in err
     recorded = runinfo.read_run(out)["options"]
-    assert (recorded["recipe"], recorded["iters"], recorded["lr"], recorded["scale"]) == ("auto", 50, 2e-4, 2.0)
+    assert (recorded["recipe"], recorded["iters"], recorded["lr"], recorded["scale"]) == ("auto", 50, 1e-3, 2.0)
     folder = tmp_path / "out" / "report"
     assert {p.name for p in folder.iterdir()} == {"metrics.jsonl", "loss.png", "summary.md"}
     from PIL import Image
@@ -73,7 +73,7 @@ def test_tiny_auto_run_writes_the_report(tiny_model, tmp_path, capsys):
     with Image.open(folder / "loss.png") as png:
         assert png.format == "PNG" and png.size == (800, 450)
     summary = (folder / "summary.md").read_text()
-    for part in ("**Model**", str(tiny_model("llama")), "8 train / 4 valid", "ITERS=50", "LR=0.0002",
+    for part in ("**Model**", str(tiny_model("llama")), "8 train / 4 valid", "ITERS=50", "LR=0.001",
                  "tokens/s", "**Final losses**", "## Diagnosis", "adapter_model.safetensors",
                  "donkeytune convert"):
         assert part in summary, part
