@@ -232,11 +232,11 @@ def auto_quantize(full: Path, stem: str, ref: Reference, base_row: dict,
     and the rows of every type tried. Files of the types that failed are removed."""
     if quantize is None:
         from .quantize import quantize  # noqa: PLC0415
-    tried, chosen = [], None
+    tried, chosen, imatrix = [], None, ref.imatrix_for(full)
     for qtype in types:
         path = full.with_name(f"{stem}-{qtype}.gguf")
         with status(f"QUANTIZE=auto: trying {qtype}"):
-            quantize(full, path, qtype, imatrix=ref.imatrix_for(full))
+            quantize(full, path, qtype, imatrix=imatrix)
             row = check(path, ref)
         row["passed"] = passes(row, base_row, tol)
         tried.append(row)
