@@ -99,3 +99,44 @@ def test_mlx_lm_adapter_without_model_needs_model(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="MODEL"):
         mlxadapter.peft_folder(folder)
     assert runinfo.read_run(mlxadapter.peft_folder(folder, str(base)))["base_model"] == str(base)
+
+
+def test_mlx_lm_adapter_converts_and_tests_to_mlx_lm_logits(tmp_path, tiny_model):
+    """`convert` then `test` on the seed's adapter folder: the GGUF llama.cpp runs gives the
+    logits mlx-lm gives with that adapter, and `test` answers with it (not refused as stale)."""
+    from test_gguf import cpp_logits
+
+    from donkeytune.gguf import convert
+    from donkeytune.use import test as use_test
+
+    base = tiny_model("llama")
+    out = tmp_path / "output"
+    want = mlx_adapter(base, out / "adapters")[0]
+    quant = convert.run(config.resolve(config.ConvertOptions, {
+        "output_dir": str(out), "quantize": "F16", "fidelity": False}, environ={}))
+    got = cpp_logits(quant, TOKENS[0])
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"llama.cpp (F16) against mlx-lm: relative logit error {err:.3g}")
+    assert err < 1e-2, err
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    rows = use_test.run(config.resolve(config.TestOptions, {
+        "output_dir": str(out), "prompt": "Hello there", "max_tokens": 4}, environ={}))
+    assert len(rows) == 1 and isinstance(rows[0]["finetuned"], str) and "base" in rows[0]
+
+
+def test_mlx_lm_adapter_exports_as_a_gguf_adapter(tmp_path, tiny_model):
+    """export-adapter on the seed's folder: llama.cpp with base + that LoRA gives mlx-lm's logits."""
+    from test_gguf import cpp_logits
+
+    from donkeytune.gguf import adapter as gguf_adapter
+    from donkeytune.gguf import export
+
+    base = tiny_model("llama")
+    folder = tmp_path / "adapters"
+    want = mlx_adapter(base, folder)[0]
+    out = gguf_adapter.run(config.resolve(config.ExportAdapterOptions, {
+        "adapter_dir": str(folder), "out": str(tmp_path / "lora.gguf")}, environ={}))
+    got = cpp_logits(export(base, tmp_path / "base.gguf", "f32"), TOKENS[0], lora=out)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"llama.cpp base + GGUF adapter against mlx-lm: relative logit error {err:.3g}")
+    assert err < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all(), err

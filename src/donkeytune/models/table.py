@@ -3,7 +3,7 @@ needs to train, and which fit in this machine's memory."""
 
 from __future__ import annotations
 
-from . import ARCHITECTURES, KNOWN_MODELS
+from . import KNOWN_MODELS
 
 
 def run() -> None:
@@ -17,7 +17,7 @@ def run() -> None:
         seed = "/".join(f"{m.seed[k]:g}" for k in ("batch_size", "num_layers", "rank", "lr"))
         rows.append((m.alias, m.repo, f"{m.params_b:g}B", str(m.layers), str(m.context),
                      f"{m.params_b * 2:.1f} GB", f"~{m.train_gb:g} GB", fits_here(m.train_gb, avail),
-                     seed, for_architecture(ARCHITECTURES.get(m.alias)), m.note))
+                     seed, for_architecture(m.arch), m.note))
     print_table(rows)
     print("\ntrain mem: a LoRA run with the seed's recipe for the size (bf16 weights); "
           "`donkeytune train` checks the figure for your data before it loads the model.")

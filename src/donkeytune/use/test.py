@@ -56,7 +56,7 @@ def _run(opts: TestOptions) -> list[dict]:
     gguf_file = None if opts.adapter else _converted_gguf(opts)
     _check_lengths(prompts, system, base_dir, opts, CONTEXT if gguf_file else None)
     if gguf_file:
-        answer_tuned, answer_base = _gguf_answerers(gguf_file, base_dir, opts)
+        answer_tuned, answer_base = _gguf_answerers(gguf_file, base_dir, run_info, opts)
         engine = f"llama.cpp, {gguf_file.name}"
     else:
         answer_tuned, answer_base = _torch_answerers(base_dir, run_info, opts)
@@ -146,12 +146,12 @@ def _gguf_type(path: Path) -> str:
     return type_in_name(path, QUANT_TYPES) or "F16"
 
 
-def _gguf_answerers(gguf_file: Path, base_dir: Path, opts: TestOptions):
+def _gguf_answerers(gguf_file: Path, base_dir: Path, run_info: dict, opts: TestOptions):
     from ..gguf.runtime import load_llama  # noqa: PLC0415
 
     say(f"Testing the GGUF {gguf_file} in llama.cpp (its own chat template and stop tokens)")
     tuned = load_llama(gguf_file, n_ctx=CONTEXT)
-    data_dir = opts.data_dir or runinfo.read_run(opts.adapter_dir).get("data_dir")
+    data_dir = opts.data_dir or run_info.get("data_dir")
     base = (load_llama(base_gguf(base_dir, _gguf_type(gguf_file), data_dir), n_ctx=CONTEXT)
             if opts.base else None)
 
