@@ -22,6 +22,9 @@ LEGACY_STATE_FILE = "trainer_state.pt"  # older runs' pickle of it: refused, nev
 MLX_STATE_FILE = "mlx_state.safetensors"  # an MLX checkpoint's optimizer state
 BEST_DIR = "best"  # adapters/best: the adapter of the lowest validation loss
 TEST_FILE = "test.json"  # `donkeytune test`'s answers, in output/report/
+REPORT_DIR = "report"  # OUTPUT_DIR/report: metrics.jsonl, loss.png, summary.md, test.json
+METRICS_FILE = "metrics.jsonl"  # the training's report lines, one JSON object each (train/loop.py)
+MODELFILE = "Modelfile"  # Ollama's, beside the GGUF (use/ollama.py)
 LOCK_FILE = ".donkeytune.lock"  # OUTPUT_DIR/.donkeytune.lock: held (flock) by the stage writing there
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what our exporter writes (gguf/tensors.py)

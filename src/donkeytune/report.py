@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .files import BEST_DIR, atomic, write_atomic
+from .files import BEST_DIR, METRICS_FILE, REPORT_DIR, atomic, write_atomic
 from .progress import say, warn
 
 UNDERTRAINED = 0.5  # the seed's table: train loss still above this at the end = under-trained
@@ -268,15 +268,15 @@ def _duration(seconds: float | None) -> str:
 
 def finish(opts, meta: dict) -> list[Finding]:
     """End of training: loss.png, summary.md, the diagnosis printed, trackers fed."""
-    folder = Path(opts.output_dir) / "report"
-    metrics = read_metrics(folder / "metrics.jsonl")
+    folder = Path(opts.output_dir) / REPORT_DIR
+    metrics = read_metrics(folder / METRICS_FILE)
     seconds = _since(meta.get("created"))
     findings = diagnose(metrics["train_loss"], metrics["val_loss"], opts.lr, opts.iters,
                         questions=metrics["questions"], seconds=seconds, opts=opts)
     files = sorted(p for p in Path(opts.adapter_dir).iterdir() if p.is_file())
     best_dir = Path(opts.adapter_dir) / BEST_DIR
     files += sorted(p for p in best_dir.iterdir() if p.is_file()) if best_dir.is_dir() else []
-    written = [folder / "metrics.jsonl"]
+    written = [folder / METRICS_FILE]
     try:
         written.append(plot_loss(metrics, folder / "loss.png", f"{meta.get('base_model')}: "
                                  f"{opts.data_dir}"))
@@ -305,7 +305,7 @@ def _since(created: str | None) -> float | None:
 
 def log_trackers(kind: str, folder: Path, opts) -> None:
     """Send metrics.jsonl to TensorBoard or Weights & Biases, through their own packages."""
-    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in (folder / METRICS_FILE).read_text().splitlines() if x.strip()]
     names = {"train_loss": "train/loss", "val_loss": "val/loss", "step_loss": "train/step_loss",
              "lr": "train/lr", "tokens_per_sec": "train/tokens_per_sec"}
     if kind == "tensorboard":

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import runinfo
 from ..config import AUTO_TYPES, ConvertOptions
 from ..errors import ModelError
-from ..files import folder_lock, model_name, read_json, safetensors_header
+from ..files import REPORT_DIR, folder_lock, model_name, read_json, safetensors_header
 from ..progress import say, status, warn
 from ..train import memory
 from .exporters import export, usable_plan
@@ -69,7 +69,7 @@ def _run(opts: ConvertOptions) -> Path:
     from ..use import ollama  # noqa: PLC0415
 
     modelfile = ollama.write_modelfile(quant, opts.fused_dir, run_info.get("system_prompt"))
-    fidelity.report_markdown(opts.gguf_dir, Path(opts.output_dir) / "report")
+    fidelity.report_markdown(opts.gguf_dir, Path(opts.output_dir) / REPORT_DIR)
     for path, seconds in timings:
         say(f"  {path}  {path.stat().st_size / 1e6:.1f} MB  ({seconds:.1f}s)")
     say(f"  Ollama: {ollama.create_command(modelfile, quant.stem.rsplit('-', 1)[0])}")

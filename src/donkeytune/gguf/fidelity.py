@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import config, data, device, runinfo
 from ..errors import ModelError
-from ..files import UNQUANTIZED, read_json, type_in_name, write_atomic
+from ..files import REPORT_DIR, UNQUANTIZED, read_json, type_in_name, write_atomic
 from ..progress import say, status, warn
 
 FIDELITY_FILE = "fidelity.json"  # in output/gguf/
@@ -340,7 +340,7 @@ def _run(opts: config.FidelityOptions) -> Path:
     path = write(out_dir, ref, rows, chosen=meta.get("quantized"))
     for line in table(read(out_dir)):
         print(line)
-    report_markdown(out_dir, Path(opts.output_dir) / "report")
+    report_markdown(out_dir, Path(opts.output_dir) / REPORT_DIR)
     return path
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import device
 from ..config import TrainOptions
 from ..errors import DonkeyError
+from ..files import METRICS_FILE, REPORT_DIR
 from ..progress import say
 
 
@@ -275,4 +276,4 @@ def check_finite(value: float, opts: TrainOptions) -> None:
 
 
 def metrics_file(opts: TrainOptions) -> Path:
-    return Path(opts.output_dir) / "report" / "metrics.jsonl"
+    return Path(opts.output_dir) / REPORT_DIR / METRICS_FILE

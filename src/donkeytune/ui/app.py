@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import config, runinfo
 from ..errors import DonkeyError
-from ..files import DEFAULT_QUANT, QUANT_TYPES, read_json
+from ..files import DEFAULT_QUANT, METRICS_FILE, MODELFILE, QUANT_TYPES, REPORT_DIR, TEST_FILE, read_json
 from .jobs import Jobs
 from .project import MAX_UPLOAD, Project
 
@@ -232,14 +232,14 @@ def snapshot(project: Project, jobs: Jobs) -> dict:
     conv = project.converted()
     out = {"job": job, "elsewhere": jobs.elsewhere(), "run": None, "files": [],
            "fidelity": project.read_json("gguf", "fidelity.json"),
-           "test": project.read_json("report", "test.json"), "commands": []}
+           "test": project.read_json(REPORT_DIR, TEST_FILE), "commands": []}
     if run:
         o = run.get("options", {})
         out["run"] = {"base_model": run.get("base_model"), "iteration": run.get("iteration"),
                       "iters": o.get("iters"), "complete": run.get("complete"),
                       "data_dir": project.rel(run.get("data_dir", ""))}
         if not (job and job["kind"] == "train" and job["state"] in ("running", "stopping")):
-            metrics = report.read_metrics(project.out / "report" / "metrics.jsonl")
+            metrics = report.read_metrics(project.out / REPORT_DIR / METRICS_FILE)
             out["run"]["diagnosis"] = [dataclasses.asdict(f) for f in report.diagnose(
                 metrics["train_loss"], metrics["val_loss"], o.get("lr"), o.get("iters"))]
     for p in project.files():
@@ -248,7 +248,7 @@ def snapshot(project: Project, jobs: Jobs) -> dict:
     if conv and conv.get("quantized"):
         gguf = project.out / "gguf" / conv["quantized"]
         name = gguf.stem.rsplit("-", 1)[0]
-        out["commands"] = [ollama.create_command(Path(project.rel(gguf.parent / "Modelfile")), name),
+        out["commands"] = [ollama.create_command(Path(project.rel(gguf.parent / MODELFILE)), name),
                            f"ollama run {name}",
                            f"llama-cli -m {project.rel(gguf)} -cnv",
                            f"donkeytune chat --output-dir {project.rel(project.out)}",
@@ -261,7 +261,7 @@ class Watch:
 
     def __init__(self, project: Project, jobs: Jobs):
         self.project, self.jobs = project, jobs
-        self.metrics = project.out / "report" / "metrics.jsonl"
+        self.metrics = project.out / REPORT_DIR / METRICS_FILE
         self.m_offset, self.m_key = 0, None
         self.log_key, self.l_offset = None, 0
         self.last: dict | None = None

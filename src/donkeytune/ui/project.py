@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import data, runinfo
 from ..data import tools as datatools
 from ..errors import DonkeyError
-from ..files import write_atomic
+from ..files import MODELFILE, write_atomic
 
 MAX_UPLOAD = 100 << 20  # bytes of one uploaded file
 # what an upload may be called: a split, one file to split on the page, the held-out questions
@@ -167,7 +167,7 @@ class Project:
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                      and (p.suffix == ".gguf" or p.name == "Modelfile"))
+                      and (p.suffix == ".gguf" or p.name == MODELFILE))
 
     def read_json(self, *parts) -> dict | None:
         path = self.out.joinpath(*parts)

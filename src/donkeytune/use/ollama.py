@@ -14,10 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import read_json
+from ..files import MODELFILE, read_json
 from ..progress import warn
 
-MODELFILE = "Modelfile"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import runinfo
 from ..gguf import fidelity
 from ..config import ModelOptions
-from ..files import TEST_FILE, model_name, read_json
+from ..files import METRICS_FILE, REPORT_DIR, TEST_FILE, model_name, read_json
 
 
 def read(path: Path) -> dict | None:
@@ -19,14 +19,14 @@ def run(opts: ModelOptions) -> str:
     out = Path(opts.output_dir)
     trained = runinfo.read_run(out / "adapters")
     converted = read(out / "gguf" / runinfo.RUN_FILE)
-    tested = read(out / "report" / TEST_FILE)
+    tested = read(out / REPORT_DIR / TEST_FILE)
     o = trained["options"]
     lines = ["", "=" * 72, "DonkeyTune run summary", "=" * 72,
              f"Trained   {trained['base_model']} on {trained['data_dir']} "
              f"({trained['train_examples']} examples): {o['iters']} iterations x {o['batch_size']} "
              f"examples, LoRA rank {o['rank']} on the last {o['num_layers']} blocks, lr {o['lr']:g}",
              f"Adapter   {out / 'adapters'}/ (PEFT format; adapters.safetensors for RESUME_FROM)"]
-    val = _last_val_losses(out / "report" / "metrics.jsonl")
+    val = _last_val_losses(out / REPORT_DIR / METRICS_FILE)
     if val:
         lines.append(f"Val loss  {val[0]:.3f} at the start -> {val[-1]:.3f} at the end")
     if converted:

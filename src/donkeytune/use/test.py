@@ -14,7 +14,7 @@ from ..config import TestOptions
 from ..errors import ConfigError
 from ..data.load import keyword_hit as hit
 from ..gguf.runtime import chat_gguf
-from ..files import QUANT_TYPES, TEST_FILE, UNQUANTIZED, folder_lock, type_in_name
+from ..files import QUANT_TYPES, REPORT_DIR, TEST_FILE, UNQUANTIZED, folder_lock, type_in_name
 from ..progress import say, status
 from .chat import converted_gguf
 
@@ -71,7 +71,7 @@ def _run(opts: TestOptions) -> list[dict]:
         results.append(row)
         show(row)
     counts = summarize(results)
-    runinfo.write_json(Path(opts.output_dir) / "report" / TEST_FILE,
+    runinfo.write_json(Path(opts.output_dir) / REPORT_DIR / TEST_FILE,
                        dict(engine=engine, results=results, **counts))
     return results
 
