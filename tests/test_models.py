@@ -97,6 +97,11 @@ def test_models_command_lists_the_table(capsys):
     assert models.find_known("unsloth/SmolLM3-3B-128K").seed == dict(batch_size=2, num_layers=4,
                                                                        rank=8, lr=1e-5)
     assert models.find_known("google/gemma-3-270m-it").repo == "unsloth/gemma-3-270m-it"
+    # each says how it exports (rnj-1 had no architecture, so its row said "?")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    for m in models.KNOWN_MODELS:
+        assert m.arch.endswith("ForCausalLM"), m.alias
+        assert " ? " not in rows[m.alias], rows[m.alias]
 
 
 def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path):
