@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,22 @@ def test_hf_token_never_reaches_output(tiny_model, data_dir, tmp_path):
     for f in out.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_a_stop_before_the_loop_counts_when_sigint_was_inherited_ignored(tiny_model, data_dir, tmp_path):
+    """A shell script's background job (and so the page's server started from one) passes SIGINT
+    on ignored; Python then leaves it ignored, and the page's Stop, sent before the training loop
+    began, was lost: the run went on to its last iteration."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "donkeytune", "train", "--model", str(tiny_model("llama")),
+         "--data-dir", str(data_dir), "--output-dir", str(out), "--iters", "100000",
+         "--batch-size", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(1.5)  # importing, before the training loop
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(120) in (130, -signal.SIGINT)
+    finally:
+        proc.kill()

@@ -10,6 +10,7 @@ import warnings
 
 from . import __version__, config, device
 from .errors import DonkeyError
+from .progress import honour_sigint
 
 
 def _stage(module: str, function: str = "run"):
@@ -123,6 +124,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+    honour_sigint()
     device.bound_kernel_caches()
     parser = build_parser()
     args = vars(parser.parse_args(argv))

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
+
+
+def honour_sigint() -> None:
+    """A SIGINT stops a stage cleanly from the process's start on (the page's Stop and a
+    terminal's Ctrl-C send one; the training loop turns it into a checkpoint), also when the
+    process inherited SIGINT ignored, as the background jobs of a shell script do: Python then
+    leaves it ignored, and a stop sent before the training loop began was lost."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def quiet_worker() -> bool:
