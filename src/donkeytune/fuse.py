@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import device, runinfo
+from . import device, models, runinfo
 from .train import memory
 from .config import FuseOptions
 from .errors import ModelError
-from .files import ADAPTER_FILE, folder_lock, read_json
+from .files import folder_lock
 from .progress import say, status
 
 
@@ -69,14 +69,9 @@ def _run(opts: FuseOptions) -> Path:
 
 def base_dtype(folder: Path) -> str:
     """The dtype the base model's weights are stored in (its config says), float32 if unknown."""
-    cfg = _config(folder)
-    cfg = {**cfg, **(cfg.get("text_config") or {})}
+    cfg = models.text_config(models.read_config(folder))
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
     return name if name in ("float32", "bfloat16", "float16") else "float32"
-
-
-def _config(folder: Path) -> dict:
-    return read_json(Path(folder) / "config.json")
 
 
 def _which(adapter: Path) -> str:

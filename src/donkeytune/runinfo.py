@@ -9,6 +9,7 @@ import platform
 import time
 from pathlib import Path
 
+from . import models
 from .errors import ModelError
 from .files import ADAPTER_FILE, RUN_FILE, read_json, write_atomic
 
@@ -21,7 +22,7 @@ def write_json(path: Path, obj) -> Path:
 
 def model_fingerprint(folder: Path) -> str:
     """Identity of a base model: its config (shapes, vocab) and the size of its weights."""
-    cfg = read_json(Path(folder) / "config.json")
+    cfg = models.read_config(folder)
     for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"):
         cfg.pop(volatile, None)
     weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))

@@ -14,8 +14,9 @@ from ..errors import ModelError
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, model_name, output_lock, read_json
 from ..progress import say, status
 from . import tensors as T
-from .archs import arch_for, text_config
-from .builtin import Planned, read_config, transform, write
+from ..models import read_config, text_config
+from .archs import arch_for
+from .builtin import Planned, transform, write
 
 
 def run(opts: ExportAdapterOptions) -> Path:

@@ -38,10 +38,6 @@ class Arch:
 
 # ---- configuration helpers (transformers 4 and 5 spell rope settings differently) ----
 
-def text_config(cfg: dict) -> dict:
-    """The language model's config: multimodal configs nest it under text_config."""
-    return {**cfg, **cfg["text_config"]} if isinstance(cfg.get("text_config"), dict) else cfg
-
 
 def rope_params(cfg: dict, kind: str = "full_attention") -> dict:
     """Rope settings (rope_theta, rope_type, factors) of the `kind` attention layers.

@@ -15,9 +15,10 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError
-from ..files import OUT_TYPES, atomic, read_json
+from ..files import OUT_TYPES, atomic
 from . import tensors as T
-from .archs import Arch, arch_for, text_config, write_hparams
+from ..models import read_config, text_config
+from .archs import Arch, arch_for, write_hparams
 from .vocab import add_vocab
 
 Progress = Callable[[int, int], None]  # (tensors written, tensors in total)
@@ -120,8 +121,3 @@ def write(w: gguf.GGUFWriter, plan: list[Planned], out_path: Path, progress: Pro
     return out_path
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.exists():
-        raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    return read_json(path)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..config import EXPORTERS, ExportOptions
 from ..errors import ConfigError, DonkeyError, ModelError
-from ..files import OUT_TYPES, check_not_input, output_lock, read_json
+from ..files import OUT_TYPES, check_not_input, output_lock
+from ..models import read_config
 from ..progress import say, status
 
 BUILTIN, LLAMA_CPP = "builtin", "llama.cpp"
@@ -63,7 +64,7 @@ def plan(hf_dir: Path, exporter: str = "auto") -> Plan:
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter {exporter!r}", "use one of: " + ", ".join(EXPORTERS))
     hf_dir = Path(hf_dir)
-    cfg = _config(hf_dir)
+    cfg = read_config(hf_dir)
     arch = llamacpp.architecture(cfg) or "(no architecture in config.json)"
     left_out = tuple(part for key, part in MODAL_PARTS.items() if cfg.get(key))
     builtin_problem = _builtin_problem(hf_dir, cfg) if exporter != LLAMA_CPP else None
@@ -133,7 +134,8 @@ def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
     import gguf  # noqa: PLC0415
 
     from . import builtin, tensors  # noqa: PLC0415
-    from .archs import ARCHS, arch_for, text_config, write_hparams  # noqa: PLC0415
+    from ..models import text_config  # noqa: PLC0415
+    from .archs import ARCHS, arch_for, write_hparams  # noqa: PLC0415
 
     names = cfg.get("architectures") or []
     if not any(n in ARCHS for n in names):
@@ -150,7 +152,3 @@ def _builtin_problem(hf_dir: Path, cfg: dict) -> str | None:
     return None
 
 
-def _config(hf_dir: Path) -> dict:
-    if not (hf_dir / "config.json").is_file():
-        raise ModelError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
-    return read_json(hf_dir / "config.json")

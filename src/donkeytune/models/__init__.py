@@ -128,7 +128,18 @@ def resolve(ref: str, *, trust_remote_code: bool = False, allow_pickle: bool = F
 
 
 def read_config(folder: Path) -> dict:
-    return read_json(Path(folder) / "config.json")
+    """A model folder's config.json: the one reader of it (a missing or damaged file is a clear
+    ModelError naming the folder)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)",
+                         "pass a folder with config.json and *.safetensors, an alias, a repo id or a .gguf file")
+    return read_json(path)
+
+
+def text_config(cfg: dict) -> dict:
+    """The language model's config: multimodal configs nest it under text_config."""
+    return {**cfg, **cfg["text_config"]} if isinstance(cfg.get("text_config"), dict) else cfg
 
 
 def check_architecture(folder: Path, *, trust_remote_code: bool = False) -> None:

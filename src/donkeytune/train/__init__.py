@@ -177,8 +177,7 @@ def _check_resume_matches(source: Path, folder: Path, opts: TrainOptions) -> Non
 
 def n_blocks(folder: Path) -> int:
     """The transformer blocks of a model, from its config.json (a multimodal one: its text part)."""
-    cfg = models.read_config(folder)
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    text = models.text_config(models.read_config(folder))
     return int(text.get("num_hidden_layers") or text.get("n_layer") or 0)
 
 

@@ -11,8 +11,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import models
 from ..errors import ConfigError, DonkeyError
-from ..files import QUANT_TYPES, read_json, safetensors_header
+from ..files import QUANT_TYPES, safetensors_header
 
 GB = 1e9
 # Bytes per parameter of what fuse/export/quantize write (K-quants: llama.cpp's average bits / 8).
@@ -85,7 +86,7 @@ def estimate_training(cfg: dict, n_params: int, *, tokens: int, labelled: int, n
     """
     from .torch.sizes import BLOCK, CHUNK  # noqa: PLC0415 - the head kernel's blocks, no torch
 
-    cfg = cfg.get("text_config", cfg)
+    cfg = models.text_config(cfg)
     hidden, inter = cfg["hidden_size"], cfg.get("intermediate_size", 4 * cfg["hidden_size"])
     heads = cfg.get("num_attention_heads", 1)
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -164,7 +165,7 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
     the run will pack its frozen weights (loralinear.can_pack)."""
     from ..progress import say  # noqa: PLC0415
 
-    cfg = read_json(Path(folder) / "config.json")
+    cfg = models.read_config(folder)
     n_params = count_params(folder)
     if limit is None:
         limit = available(device)
@@ -193,7 +194,7 @@ def check_training(opts, folder: Path, train_set, device: str, dtype_bytes: int,
         say(f"Memory: about {need.total / GB:.1f} GB needed{each}, {limit / GB:.1f} GB available"
             + (f" to each of the {workers} workers" if workers > 1 else ""))
         return opts
-    n_blocks = cfg.get("text_config", cfg)["num_hidden_layers"]
+    n_blocks = models.text_config(cfg)["num_hidden_layers"]
     fitting = _shrink(opts, lambda o: estimate(o).total <= limit, n_blocks)
     if auto and fitting is not None:
         say(f"Memory: the recipe needs about {need.total / GB:.1f} GB, {limit / GB:.1f} GB is "

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from .. import data
+from .. import data, models
 from ..config import TrainOptions
 from ..errors import ConfigError, ModelError
-from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE, atomic, read_json
+from ..files import ADAPTER_CONFIG, ADAPTER_FILE, MLX_STATE_FILE, atomic
 from ..progress import say
 from ..use.test import QUESTION_TOKENS, prompt_ids, score_questions
 from .adapter import adapted_blocks, misfit, prune_checkpoints, save_adapter, save_best
@@ -169,7 +169,7 @@ def mlx_config(folder: Path) -> dict:
     """Settings mlx-lm reads from keys transformers 5 no longer writes (it would silently use
     its defaults): rope_theta / rope_scaling from rope_parameters (Gemma 3: one per attention
     type) and Gemma 3's sliding_window_pattern from layer_types."""
-    cfg = read_json(Path(folder) / "config.json")
+    cfg = models.read_config(folder)
     out = {}
     rope = cfg.get("rope_parameters") or {}
     full, local = rope.get("full_attention", rope), rope.get("sliding_attention")

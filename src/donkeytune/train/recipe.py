@@ -15,9 +15,9 @@ import dataclasses
 import math
 from pathlib import Path
 
+from .. import models
 from ..config import SEED_RECIPE, TrainOptions
 from ..errors import ConfigError
-from ..files import read_json
 from ..progress import say
 
 RECIPE_FIELDS = ("iters", "batch_size", "num_layers", "lr", "rank")
@@ -102,7 +102,7 @@ def _auto(cfg: dict, n_examples: int, mem_bytes: float, params: int | None, give
           known: tuple[dict, str] | None = None, quant_bits: int | None = None):
     from . import memory  # noqa: PLC0415
 
-    text = cfg.get("text_config", cfg)
+    text = models.text_config(cfg)
     n_params = params or _params_from_config(text)
     size_b = n_params / 1e9
     limit, batch, layers, rank, seed_lr, label = size_class(size_b)
@@ -155,7 +155,7 @@ def resolve(opts: TrainOptions, folder: Path, n_examples: int) -> TrainOptions:
     unset = [f for f in (*RECIPE_FIELDS, "scale") if getattr(opts, f) is None]
     if not unset:  # everything given, or a resumed run's recorded options
         return dataclasses.replace(opts, recipe=pick_recipe(opts))
-    cfg = read_json(Path(folder) / "config.json")
+    cfg = models.read_config(folder)
     values, reasons = choose(opts, cfg, n_examples, memory.available(device.pick_device(opts.device)),
                              memory.count_params(folder))
     name = pick_recipe(opts)

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import config, runinfo
 from ..errors import DonkeyError
-from ..files import DEFAULT_QUANT, METRICS_FILE, MODELFILE, QUANT_TYPES, REPORT_DIR, TEST_FILE, read_json
+from ..files import DEFAULT_QUANT, METRICS_FILE, MODELFILE, QUANT_TYPES, REPORT_DIR, TEST_FILE
 from .jobs import Jobs
 from .project import MAX_UPLOAD, Project
 
@@ -182,7 +182,7 @@ def recipe_for(project: Project, query: dict) -> dict:
     checked = project.check()
     n = checked["examples"].get("train", 0)
     folder = models.resolve(project.model_reference(query.get("model")))
-    cfg = read_json(folder / "config.json")
+    cfg = models.read_config(folder)
     values, reasons = recipe.choose(opts, cfg, n, memory.available(device.pick_device("auto")),
                                     memory.count_params(folder))
     return {"recipe": recipe.pick_recipe(opts), "examples": n,
